@@ -1,0 +1,1 @@
+"""Hand-written Triton kernels, each beside its torch reference implementation."""

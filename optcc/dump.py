@@ -1,0 +1,151 @@
+"""Graph dumps: text (one node a line), Graphviz dot/svg, and an HTML page per pipeline.
+
+The text form is what golden tests compare, so it is deterministic and names only what
+a pass changes: node names, ops, argument structure, shapes and dtypes (never tensor
+values)::
+
+    graph(x: f32[1, 3, 8, 8]):
+      %conv_weight: f32[8, 3, 3, 3] = constant
+      %convolution: f32[1, 8, 8, 8] = aten.convolution(%x, %conv_weight, %conv_bias, [1, 1], ...)
+      return (%relu,)
+"""
+
+from __future__ import annotations
+
+import html
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .ir import op_name
+
+_DTYPES = {
+    torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
+    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8",
+    torch.uint8: "u8", torch.bool: "b8",
+}
+
+
+def type_text(val: Any) -> str:
+    if isinstance(val, torch.Tensor):
+        dims = ", ".join(str(d) for d in val.shape)
+        return f"{_DTYPES.get(val.dtype, str(val.dtype).replace('torch.', ''))}[{dims}]"
+    if isinstance(val, (tuple, list)):
+        return "(" + ", ".join(type_text(v) for v in val) + ")"
+    if isinstance(val, (torch.SymInt, int)):
+        return "int"
+    if isinstance(val, (torch.SymFloat, float)):
+        return "float"
+    return "?" if val is None else type(val).__name__
+
+
+def _arg_text(arg: Any) -> str:
+    if isinstance(arg, fx.Node):
+        return f"%{arg.name}"
+    if isinstance(arg, (list, tuple)):
+        inner = ", ".join(_arg_text(a) for a in arg)
+        return f"[{inner}]" if isinstance(arg, list) else f"({inner}{',' if len(arg) == 1 else ''})"
+    if isinstance(arg, torch.dtype):
+        return _DTYPES.get(arg, str(arg))
+    if isinstance(arg, float):
+        return repr(arg)
+    return str(arg)
+
+
+def node_text(node: fx.Node) -> str:
+    typ = type_text(node.meta.get("val"))
+    if node.op == "placeholder":
+        return f"%{node.name}: {typ} = input"
+    if node.op == "get_attr":
+        return f"%{node.name}: {typ} = constant"
+    if node.op == "output":
+        return f"return {_arg_text(node.args[0])}"
+    args = [_arg_text(a) for a in node.args] + [f"{k}={_arg_text(v)}" for k, v in node.kwargs.items()]
+    return f"%{node.name}: {typ} = {op_name(node)}({', '.join(args)})"
+
+
+def graph_text(gm: fx.GraphModule) -> str:
+    inputs = ", ".join(
+        f"{n.name}: {type_text(n.meta.get('val'))}" for n in gm.graph.nodes if n.op == "placeholder"
+    )
+    lines = [f"graph({inputs}):"]
+    lines += ["  " + node_text(n) for n in gm.graph.nodes if n.op != "placeholder"]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------
+# Graphviz
+
+_COLORS = {"placeholder": "#cfe8ff", "get_attr": "#eeeeee", "output": "#cfe8ff"}
+
+
+def graph_dot(gm: fx.GraphModule, title: str = "graph") -> str:
+    """Graphviz source; constants are folded into their users' labels to keep it readable."""
+    lines = [f'digraph "{title}" {{', "  rankdir=TB;", '  node [shape=box, style="rounded,filled", fontname="monospace", fontsize=10];']
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            continue
+        if node.op == "call_function":
+            label = f"{op_name(node)}\\n{type_text(node.meta.get('val'))}"
+            color = "#fff2cc"
+        else:
+            label = f"{node.op}: {node.name}\\n{type_text(node.meta.get('val'))}" if node.op != "output" else "output"
+            color = _COLORS.get(node.op, "#ffffff")
+        lines.append(f'  "{node.name}" [label="{label}", fillcolor="{color}"];')
+        for arg in node.all_input_nodes:
+            if arg.op != "get_attr":
+                lines.append(f'  "{arg.name}" -> "{node.name}";')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def dot_available() -> bool:
+    return shutil.which("dot") is not None
+
+
+def render_svg(dot_source: str) -> str:
+    result = subprocess.run(["dot", "-Tsvg"], input=dot_source, capture_output=True, text=True, check=True)
+    return result.stdout
+
+
+# ----------------------------------------------------------------------------------------
+# Writing a pipeline's dumps
+
+
+def write_dumps(stages: list[tuple[str, fx.GraphModule]], fmt: str, out_dir: Path, report_text: str = "") -> list[Path]:
+    """Write one file per stage (``00_captured.txt``, ``01_bn_reparam.txt``...) or one HTML page.
+
+    ``fmt="svg"`` falls back to ``.dot`` files when Graphviz's ``dot`` is not installed.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    if fmt == "html":
+        svg = dot_available()
+        parts = [f"<h1>optcc dump</h1><pre>{html.escape(report_text)}</pre>"]
+        for i, (name, gm) in enumerate(stages):
+            parts.append(f"<h2>{i:02d} after {html.escape(name)}</h2>")
+            if svg:
+                parts.append(render_svg(graph_dot(gm, name)))
+            parts.append(f"<pre>{html.escape(graph_text(gm))}</pre>")
+        path = out_dir / "dump.html"
+        path.write_text("<!doctype html><meta charset='utf-8'><title>optcc dump</title>\n" + "\n".join(parts))
+        return [path]
+    for i, (name, gm) in enumerate(stages):
+        stem = out_dir / f"{i:02d}_{name}"
+        if fmt == "text":
+            path = stem.with_suffix(".txt")
+            path.write_text(graph_text(gm))
+        elif fmt == "dot" or (fmt == "svg" and not dot_available()):
+            path = stem.with_suffix(".dot")
+            path.write_text(graph_dot(gm, name))
+        elif fmt == "svg":
+            path = stem.with_suffix(".svg")
+            path.write_text(render_svg(graph_dot(gm, name)))
+        else:
+            raise ValueError(f"unknown dump format '{fmt}'; choose text, dot, svg or html")
+        written.append(path)
+    return written
