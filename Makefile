@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/optcc demo
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
 
 bench: $(STAMP)
 	$(BIN)/optcc bench demo --passes bn_reparam

@@ -1,0 +1,46 @@
+"""Test set-up shared by every test: offline hubs, the Triton interpreter, golden files."""
+
+import os
+
+# Before anything imports transformers/timm/triton.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-goldens", action="store_true",
+                     help="rewrite tests/golden/<pass>/<case>.txt from the current output")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def golden(request):
+    """``golden(pass_name, case, text)``: compare ``text`` with the stored golden file."""
+    update = request.config.getoption("--update-goldens")
+
+    def check(pass_name: str, case: str, text: str) -> None:
+        path = GOLDEN_DIR / pass_name / f"{case}.txt"
+        if update:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            return
+        assert path.exists(), f"no golden file {path}; create it with `pytest --update-goldens`"
+        expected = path.read_text()
+        assert text == expected, (
+            f"graph after {pass_name} differs from {path} "
+            "(if the change is intended, rerun with --update-goldens and review the diff)\n"
+            f"--- expected\n{expected}\n--- got\n{text}"
+        )
+
+    return check
