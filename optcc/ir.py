@@ -108,7 +108,38 @@ def _describe_capture_failure(exc: BaseException) -> str:
     first = text.splitlines()[0] if text else type(exc).__name__
     ops = re.findall(r"(aten\.[\w.]+|torch\.ops\.[\w.]+|[\w.]+\.default)", text)
     where = f" (op: {ops[0]})" if ops else ""
-    return f"torch.export could not trace the model{where}: {type(exc).__name__}: {first}"
+    # torch.export's own message rarely says where in the model it failed, and for a
+    # branch on a tensor's value (``if x.item() > 0``) it only names a symbol ("zuf0 >
+    # 0.0"). Name the cause and the model's line so the user knows what to change.
+    cause = ""
+    if "data-dependent" in text or "GuardOnDataDependent" in type(exc).__name__:
+        cause = (" the model uses a tensor's value as a Python value (.item(), int(), bool(), "
+                 ".tolist() or `if tensor:`) to branch or size a tensor;")
+    frame = _model_frame(exc)
+    if frame is not None:
+        where += f" at {frame.filename}:{frame.lineno} in {frame.name}"
+        if frame.line:
+            where += f" `{frame.line.strip()}`"
+    return f"torch.export could not trace the model{where}:{cause} {type(exc).__name__}: {first}"
+
+
+def _model_frame(exc: BaseException):
+    """The innermost traceback frame in user code (outside torch, optcc and the stdlib)."""
+    import os
+    import sysconfig
+    import traceback
+
+    internal = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+    stdlib = sysconfig.get_paths()["stdlib"]
+
+    def is_model_code(filename: str) -> bool:
+        if filename.startswith(internal):
+            return False
+        # model libraries (timm, transformers) may sit in a site-packages inside the stdlib
+        return "-packages" in filename or not filename.startswith(stdlib)
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if is_model_code(f.filename)]
+    return frames[-1] if frames else None
 
 
 def _attribute_name(name: str, taken: set[str]) -> str:
@@ -138,7 +169,10 @@ def graph_module_from_program(program: ExportedProgram) -> fx.GraphModule:
     root = torch.nn.Module()
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    taken: set[str] = set()
+    # get_attr nodes of the exported graph read submodules (the branches of torch.cond,
+    # the body of a while_loop, ...): carry them over under their own names, which the
+    # frozen constants must then not take.
+    taken: set[str] = {n.target.split(".")[0] for n in program.graph.nodes if n.op == "get_attr"}
     user_outputs = [
         i for i, spec in enumerate(signature.output_specs) if spec.kind == OutputKind.USER_OUTPUT
     ]
@@ -168,7 +202,15 @@ def graph_module_from_program(program: ExportedProgram) -> fx.GraphModule:
             outputs = node.args[0]
             graph.output(tuple(env[outputs[i]] if isinstance(outputs[i], fx.Node) else outputs[i]
                                for i in user_outputs))
+        elif node.target is aten._assert_tensor_metadata.default:
+            # A dtype/device check export inserts for ``tensor.to(...)`` (BERT's attention
+            # mask, GPT-2): a no-op returning None, without node.meta["val"], whose only
+            # effect on a pass would be an extra user that blocks its match. Inductor's
+            # post-grad passes drop it for the same reason (remove_assert_ops).
+            continue
         else:
+            if node.op == "get_attr":
+                _copy_submodule(program.graph_module, root, node.target)
             env[node] = graph.node_copy(node, lambda n: env[n])
     gm = fx.GraphModule(root, graph, class_name="CanonicalGraph")
     gm.meta["optcc_in_spec"] = program.call_spec.in_spec
@@ -176,6 +218,21 @@ def graph_module_from_program(program: ExportedProgram) -> fx.GraphModule:
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def _copy_submodule(source: torch.nn.Module, root: torch.nn.Module, target: str) -> None:
+    """Put ``source``'s attribute at dotted path ``target`` on ``root`` at the same path."""
+    *path, leaf = target.split(".")
+    for part in path:
+        source = getattr(source, part)
+        if not hasattr(root, part):
+            root.add_module(part, torch.nn.Module())
+        root = getattr(root, part)
+    value = getattr(source, leaf)
+    if isinstance(value, torch.nn.Module):
+        root.add_module(leaf, value)
+    else:
+        setattr(root, leaf, value)
 
 
 # ----------------------------------------------------------------------------------------
@@ -266,6 +323,15 @@ def op_counts(gm: fx.GraphModule) -> Counter:
 def flat_inputs(gm: fx.GraphModule, args: Iterable, kwargs: dict | None = None) -> list:
     """Flatten a user's ``(args, kwargs)`` into the canonical graph's positional inputs."""
     spec = gm.meta.get("optcc_in_spec")
+    if spec is not None and kwargs:
+        # pytree flattens a dict in insertion order: model(a=.., b=..) and model(b=.., a=..)
+        # must give the graph the same positional inputs (as ExportedProgram.module() does).
+        from torch.export._tree_utils import reorder_kwargs
+
+        try:
+            kwargs = reorder_kwargs(kwargs, spec)
+        except (AssertionError, ValueError):
+            pass  # a different structure: reported just below
     flat, got_spec = pytree.tree_flatten((tuple(args), kwargs or {}))
     if spec is not None and got_spec != spec:
         raise TypeError(

@@ -112,7 +112,7 @@ class PassManager:
     def run(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, Report]:
         report = Report(initial_ops=ir.op_counts(gm), initial_nodes=len(gm.graph.nodes))
         if self.dump_after_each:
-            report.dumps.append(("captured", gm))
+            report.dumps.append(("captured", snapshot(gm)))
         reference = None
         for p in self.passes:
             measure = self.example_inputs is not None and (self.verify or not p.exact)

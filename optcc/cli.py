@@ -1,0 +1,326 @@
+"""The ``optcc`` command line: list passes, dump graphs, benchmark, and a demo.
+
+    optcc passes
+    optcc dump MODEL [--passes a,b] [--after-each] [--format text|dot|svg|html] [--out DIR]
+    optcc bench MODEL [--passes a,b] [--runs N] [--batch N] [--targets eager,optcc-eager]
+    optcc demo
+
+MODEL is a model spec (see :mod:`optcc.models`): ``demo``, ``timm:NAME[@BATCH]``,
+``path/to/file.py:FACTORY`` or ``path/to/model.pt2``. ``--passes`` takes pass names
+separated by commas, each optionally with options, ``token_pruning(r=8)``; without it
+every exact pass runs, and ``--passes none`` runs none.
+
+A user error (bad spec, unknown pass or option, bad flag) prints one line
+``optcc: error: ...`` and exits with status 2; ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import logging
+import sys
+import time
+import traceback
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+from . import ir
+from .compile import TargetError, default_passes
+from .compile import compile as optcc_compile
+from .dump import dot_available, graph_dot, graph_text, write_dumps
+from .models import SPEC_HELP, ModelSpecError, load_model
+from .pass_base import OptionError, Pass, PassError, UnknownPassError, list_passes, make_pass
+from .pass_manager import PassManager, PassOrderError, output_error, snapshot
+
+FORMATS = ("text", "dot", "svg", "html")
+
+
+class UsageError(Exception):
+    """A command line optcc cannot act on (argparse's complaints included)."""
+
+
+# Errors the user can fix by changing the command: one line, exit status 2.
+USER_ERRORS = (UsageError, ModelSpecError, UnknownPassError, OptionError, PassOrderError, TargetError)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + message and exits; we want one line
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# ----------------------------------------------------------------------------------------
+# Pass lists
+
+
+def _split_top_level(text: str, sep: str = ",") -> list[str]:
+    """Split on ``sep`` outside brackets: ``a(x=1, y=[1, 2]),b`` -> ``['a(x=1, y=[1, 2])', 'b']``."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == sep and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    if depth != 0:
+        raise UsageError(f"unbalanced brackets in --passes '{text}'")
+    parts.append(current)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _option_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word is a string option: kernel=relu
+
+
+def parse_passes(text: str | None) -> list[Pass] | None:
+    """``--passes`` value -> configured passes; None means optcc's default (every exact pass)."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("", "none"):
+        return []
+    passes = []
+    for item in _split_top_level(text):
+        name, paren, rest = item.partition("(")
+        options: dict[str, Any] = {}
+        if paren:
+            if not rest.endswith(")"):
+                raise UsageError(f"pass '{item}': write options as name(key=value, ...)")
+            for pair in _split_top_level(rest[:-1]):
+                key, eq, value = pair.partition("=")
+                if not eq or not key.strip():
+                    raise UsageError(f"pass '{name.strip()}': option '{pair}' is not key=value")
+                options[key.strip()] = _option_value(value.strip())
+        passes.append(make_pass((name.strip(), options)))
+    return passes
+
+
+
+
+# ----------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="optcc passes (exact ones run by default; approximate ones only when named)",
+                  title_justify="left")
+    table.add_column("pass")
+    table.add_column("kind")
+    table.add_column("summary")
+    for name, exact, summary in list_passes():
+        table.add_row(name, "exact" if exact else "approx", summary)
+    Console(width=120, color_system=None).print(table)
+    return 0
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    if args.format in ("svg", "html") and args.out is None:
+        raise UsageError(f"--format {args.format} writes files: add --out DIR")
+    passes = parse_passes(args.passes)
+    passes = default_passes() if passes is None else passes
+    model, inputs = load_model(args.model, batch=args.batch)
+    gm = ir.capture(model, inputs)
+    flat = ir.flat_inputs(gm, inputs)
+    # The manager's "captured" entry is the graph object the passes then rewrite in
+    # place, so keep a copy of the graph as it was captured.
+    captured = snapshot(gm)
+    manager = PassManager(passes, verify=True, example_inputs=flat, dump_after_each=True)
+    gm, report = manager.run(gm)
+    stages = [("captured", captured)] + [s for s in report.dumps if s[0] != "captured"]
+    if not args.after_each:
+        stages = [("final", gm)]
+
+    if args.out is None:  # text or dot on stdout; the report goes to stderr, out of the way of pipes
+        for i, (name, stage) in enumerate(stages):
+            if args.after_each:
+                print(f"{'//' if args.format == 'dot' else '#'} {i:02d} after {name}")
+            print(graph_text(stage) if args.format == "text" else graph_dot(stage, name), end="")
+        print(report.render(), file=sys.stderr)
+        return 0
+
+    print(report.render(), file=sys.stderr)
+    written = write_dumps(stages, args.format, Path(args.out), report.render())
+    if args.format == "svg" and not dot_available():
+        print("optcc: Graphviz 'dot' is not installed: wrote .dot files instead of .svg", file=sys.stderr)
+    if args.format == "html" and not dot_available():
+        print("optcc: Graphviz 'dot' is not installed: the page shows graph text without drawings", file=sys.stderr)
+    for path in written:
+        print(path)
+    return 0
+
+
+@contextmanager
+def _threads(n: int | None):
+    """Use ``n`` torch threads inside (and restore the count: main() may run in-process)."""
+    before = torch.get_num_threads()
+    if n is not None:
+        if n < 1:
+            raise UsageError("--threads must be at least 1")
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import CONTENDERS, benchmark
+
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in CONTENDERS] or ([] if targets else [""])
+    if unknown:
+        raise UsageError(f"unknown contender '{unknown[0]}' in --targets; choose from: {', '.join(CONTENDERS)}")
+    if args.runs < 1 or args.warmup < 0:
+        raise UsageError("--runs must be at least 1 and --warmup at least 0")
+    passes = parse_passes(args.passes)
+    model, inputs = load_model(args.model, batch=args.batch)
+    with _threads(args.threads):
+        result = benchmark(model, inputs, passes, runs=args.runs, warmup=args.warmup, targets=targets,
+                           seconds_per_run=args.seconds, model_name=args.model)
+    print(result.render())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .bench import BenchResult, Contender, load_average, contention_notes, measure
+    from .models import demo_model
+
+    if args.runs < 1:
+        raise UsageError("--runs must be at least 1")
+    load = load_average()
+    model, inputs = demo_model()
+    print("optcc demo: a small CNN (conv+BatchNorm+ReLU blocks, residuals, depthwise and grouped "
+          f"convs), input {list(inputs[0].shape)}; compiling with every exact pass, target={args.target} ...",
+          file=sys.stderr, flush=True)
+    with _threads(args.threads), torch.no_grad():
+        start = time.perf_counter()
+        compiled = optcc_compile(model, example_inputs=inputs, target=args.target, verify=True)
+        got = pytree.tree_leaves(compiled(*inputs))
+        compile_seconds = time.perf_counter() - start
+        expected = pytree.tree_leaves(model(*inputs))
+        print(compiled.report.render())
+        error = output_error(expected, got)
+        print(f"\nmax relative output error against eager PyTorch: {error:.1e}")
+
+        eager = Contender("eager")
+        optimized = Contender(f"optcc-{compiled.pipeline.target}", compile_seconds=compile_seconds, error=error)
+        calls = {eager.name: lambda: model(*inputs), optimized.name: lambda: compiled(*inputs)}
+        iterations = measure([eager, optimized], calls, runs=args.runs, seconds_per_run=0.1, warmup=2)
+        result = BenchResult("demo", [repr(p) for p in compiled.pipeline.passes], [eager, optimized],
+                             args.runs, iterations, torch.get_num_threads())
+    result.notes += contention_notes(result, load)
+    print()
+    print(result.render())
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# Entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="optcc", description="A compiler-style graph optimization pipeline for PyTorch models.",
+                     epilog=f"MODEL: {SPEC_HELP}.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    # The subcommands accept --debug too, without overriding it when it came first.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("passes", parents=[common], help="list the registered passes")
+    p.set_defaults(func=cmd_passes)
+
+    passes_help = ("comma-separated pass names, each optionally with options: name(key=value); "
+                   "default: every exact pass; 'none': no passes")
+    p = sub.add_parser("dump", parents=[common], help="capture MODEL, run passes, dump the graphs",
+                       description="Capture MODEL, run the passes and dump the graph. Without --out the "
+                                   "graph goes to stdout and the per-pass report to stderr.")
+    p.add_argument("model", metavar="MODEL", help=SPEC_HELP)
+    p.add_argument("--passes", help=passes_help)
+    p.add_argument("--after-each", action="store_true", help="dump the graph after every pass, not just the final one")
+    p.add_argument("--format", default="text", choices=FORMATS, help="text (default), dot, svg or html")
+    p.add_argument("--out", metavar="DIR", help="write files to DIR (NN_stage.ext, or dump.html)")
+    p.add_argument("--batch", type=int, help="batch size for demo and timm: models")
+    p.set_defaults(func=cmd_dump)
+
+    p = sub.add_parser("bench", parents=[common], help="time optcc against eager PyTorch and torch.compile")
+    p.add_argument("model", metavar="MODEL", help=SPEC_HELP)
+    p.add_argument("--passes", help=passes_help)
+    p.add_argument("--runs", type=int, default=7, help="timed runs per contender (median is reported; default 7)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls per contender first (default 3)")
+    p.add_argument("--batch", type=int, help="batch size for demo and timm: models")
+    p.add_argument("--targets", default="eager,torch.compile,optcc-eager,optcc-inductor",
+                   help="contenders, comma-separated (default: all four)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--seconds", type=float, default=0.15, help="length of one timed run in seconds (default 0.15)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", parents=[common], help="optimize the built-in demo model and time it")
+    p.add_argument("--runs", type=int, default=5, help="timed runs (default 5)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    p.add_argument("--target", default="auto", help="optcc target: auto (default), eager, inductor, triton")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    text = str(message)
+    if text.startswith("optcc: "):  # optcc's own warnings are sentences, not code locations
+        print(f"optcc: warning: {text[len('optcc: '):]}", file=sys.stderr)
+    else:
+        _original_showwarning(message, category, filename, lineno, file, line)
+
+
+_original_showwarning = warnings.showwarning
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        print(f"optcc: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+    # Inductor logs that it found no CUDA runtime on every CPU compile; that is expected here.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:
+            return 130
+        except Exception as exc:
+            if isinstance(exc, USER_ERRORS):
+                status, text = 2, _first_line(exc)
+            elif isinstance(exc, (ir.CaptureError, PassError)):
+                status, text = 1, _first_line(exc)
+            else:  # a bug, in optcc or below it: say so, and where to look
+                status, text = 1, f"{type(exc).__name__}: {_first_line(exc)}"
+                if not args.debug:
+                    text += " (rerun with --debug for the traceback)"
+            if args.debug:
+                traceback.print_exception(exc)
+            print(f"optcc: error: {text}", file=sys.stderr)
+        return status
