@@ -36,7 +36,7 @@ from .compile import compile as optcc_compile
 from .dump import dot_available, graph_dot, graph_text, write_dumps
 from .models import SPEC_HELP, ModelSpecError, load_model
 from .pass_base import OptionError, Pass, PassError, UnknownPassError, list_passes, make_pass
-from .pass_manager import PassManager, PassOrderError, output_error, snapshot
+from .pass_manager import PassManager, PassOrderError, output_error
 
 FORMATS = ("text", "dot", "svg", "html")
 
@@ -106,8 +106,6 @@ def parse_passes(text: str | None) -> list[Pass] | None:
     return passes
 
 
-
-
 # ----------------------------------------------------------------------------------------
 # Commands
 
@@ -135,14 +133,9 @@ def cmd_dump(args: argparse.Namespace) -> int:
     model, inputs = load_model(args.model, batch=args.batch)
     gm = ir.capture(model, inputs)
     flat = ir.flat_inputs(gm, inputs)
-    # The manager's "captured" entry is the graph object the passes then rewrite in
-    # place, so keep a copy of the graph as it was captured.
-    captured = snapshot(gm)
     manager = PassManager(passes, verify=True, example_inputs=flat, dump_after_each=True)
     gm, report = manager.run(gm)
-    stages = [("captured", captured)] + [s for s in report.dumps if s[0] != "captured"]
-    if not args.after_each:
-        stages = [("final", gm)]
+    stages = report.dumps if args.after_each else [("final", gm)]
 
     if args.out is None:  # text or dot on stdout; the report goes to stderr, out of the way of pipes
         for i, (name, stage) in enumerate(stages):
