@@ -43,6 +43,8 @@ from optcc.ir import add_constant, get_constant
 from optcc.pass_base import Pass, PassResult, register_pass
 from optcc.rewrite import NOT_ANCHOR, Match, NoMatch, Rule, apply_rules
 
+from . import _reparam_affine, _reparam_branches
+
 aten = torch.ops.aten
 BATCH_NORM = aten._native_batch_norm_legit_no_training.default
 CONV = aten.convolution.default
@@ -281,7 +283,8 @@ class BatchNormThenLinear(Rule):
         _set_weight_and_bias(gm, linear, (w64 * s[None, :]).to(weight.dtype), (bias + w64 @ t).to(weight.dtype))
 
 
-RULES = [ConvThenBatchNorm(), LinearThenBatchNorm(), BatchNormThenConv(), BatchNormThenLinear()]
+FOLD_RULES = [ConvThenBatchNorm(), LinearThenBatchNorm(), BatchNormThenConv(), BatchNormThenLinear()]
+RULES = FOLD_RULES + _reparam_branches.RULES + _reparam_affine.RULES
 
 
 @register_pass
@@ -294,6 +297,11 @@ class BatchNormReparam(Pass):
     @dataclass
     class Options:
         pass
+
+    @classmethod
+    def documentation(cls) -> str:
+        parts = [super().documentation(), _reparam_branches.__doc__ or "", _reparam_affine.__doc__ or ""]
+        return "\n\n".join(p.strip() for p in parts if p.strip())
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         stats = apply_rules(gm, RULES)
