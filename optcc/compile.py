@@ -199,8 +199,9 @@ class OptimizedModule(torch.nn.Module):
         model = self._model
         if isinstance(model, torch.nn.Module) and model.training:
             warnings.warn(
-                "optcc: the model is in training mode; BatchNorm uses batch statistics and "
-                "will not be folded. Call model.eval() before compiling for inference.",
+                "optcc: the model is in training mode, so training behaviour (BatchNorm batch "
+                "statistics, dropout) is captured and not folded. Call model.eval() before "
+                "compiling for inference.",
                 stacklevel=4,
             )
         try:
