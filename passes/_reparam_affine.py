@@ -1,10 +1,591 @@
 """bn_reparam rules for per-channel affine maps next to conv/linear (RepBN, constants).
 
-(Rules are being added; each states its math here.)
+A per-channel affine map ``A(y)_c = s_c * y_c + t_c`` (``s``, ``t`` constants, or scalars
+broadcast to every channel) commutes with the neighbouring conv/linear:
+
+``affine_into_producer``  ``A(op(x))`` for ``op`` a conv or linear whose output is read only
+    by ``A``: ``W'[o] = s_o W[o]``, ``b' = s * b + t`` (for a linear ``W' = diag(s) W``; for a
+    transposed conv the output channel is dim 1 of each weight group). ``A`` is one of
+    ``y * c``, ``y / c``, ``y + c``, ``y - c``, ``c - y``, ``c + alpha * y``, with ``c`` a
+    Python number or a frozen constant that varies at most along the producer's channel
+    dimension (dim 1 of a conv output, the last dim of a linear output) and does not change
+    the output's shape or dtype.
+
+``affine_into_consumer``  ``op(A(x))``: ``W * (s x + t) + b``. Linear: ``W' = W diag(s)``,
+    ``b' = b + W t``. Conv (not transposed): ``W'[o, i] = W[o, i] s_{g(o), i}``,
+    ``b'_o = b_o + sum_{i,k} W[o, i, k] t_{g(o), i}`` - the shift only when the conv does not
+    pad (a padded border sees 0, not ``t``); a pure scale is legal with any padding.
+
+Both see through a chain of ``permute`` / ``view`` nodes between ``A`` and ``op`` (each
+read only by the next): an elementwise map commutes with a permutation or reshape once the
+channel dimension is followed through it. A reshape that splits or merges the channel
+dimension ends the chain (the constant would no longer be per channel).
+
+``token_bn``  eval BatchNorm reached from a conv/linear through such a chain, e.g. LeViT's
+    ``Linear -> flatten(0, 1) -> BatchNorm1d -> reshape`` on ``[B, N, C]`` tokens, or
+    ``Linear -> transpose(1, 2) -> BatchNorm1d``: BN is the affine map
+    ``s = gamma / sqrt(var + eps)``, ``t = beta - s * mu`` on its dim 1, folded as above
+    when dim 1 of the BN input is the op's channel (after ``op``) or input feature
+    (before a linear / unpadded conv). Chains of length 0 belong to ``conv_bn`` etc.
+
+``rep_bn``  SLAB's RepBN ``BN(x) + alpha * x`` where BN runs on a permuted/reshaped view
+    of ``x`` (``x.transpose(1, 2) -> BatchNorm1d -> transpose(1, 2)`` on ``[B, N, C]``
+    tokens) and ``alpha`` is a scalar constant: ``BN(x) + alpha x = (s + alpha) x + t``
+    per channel, rewritten to ``x * (s + alpha) + t`` in ``x``'s own layout (legal when
+    the views around BN compose to the identity); the two constant ops then fold into the
+    neighbouring linear through the rules above.
+
+Never matched: non-constant operands, constants varying along a non-channel dimension (or
+along several), intermediates read by other nodes, dtype promotion. Folding is done in
+float64 and cast back to the weight's dtype.
 """
 
 from __future__ import annotations
 
-from optcc.rewrite import Rule
+import operator
+from typing import Any
 
-RULES: list[Rule] = []
+import torch
+import torch.fx as fx
+
+from optcc.ir import add_constant, get_constant
+from optcc.rewrite import NOT_ANCHOR, Match, NoMatch, Rule
+
+from ._batchnorm import BATCH_NORM, bn_affine, bn_output
+
+aten = torch.ops.aten
+CONV = aten.convolution.default
+LINEAR = aten.linear.default
+MUL = (aten.mul.Tensor, aten.mul.Scalar)
+ADD = (aten.add.Tensor, aten.add.Scalar)
+SUB = (aten.sub.Tensor, aten.sub.Scalar)
+DIV = (aten.div.Tensor, aten.div.Scalar)
+AFFINE_OPS = MUL + ADD + SUB + DIV
+PERMUTES = (aten.permute.default, aten.transpose.int)
+VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+TRANSPARENT = PERMUTES + VIEWS
+
+
+# ----------------------------------------------------------------------------------------
+# Reading the graph
+
+
+def _val(node: Any) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    val = _val(node)
+    if val is None:
+        return None
+    try:
+        return tuple(int(d) for d in val.shape)
+    except (TypeError, ValueError):  # symbolic sizes
+        return None
+
+
+def _constant(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
+    """A Python number or frozen tensor as a float64 tensor, else None."""
+    if isinstance(arg, bool):
+        return None
+    if isinstance(arg, (int, float)):
+        return torch.tensor(float(arg), dtype=torch.float64)
+    tensor = get_constant(gm, arg)
+    if tensor is None or not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
+        return None
+    return tensor.double()
+
+
+def _as_affine(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor, torch.Tensor] | str | None:
+    """``node = s * x + t`` with constant ``s``, ``t``: (x, s, t); a reason; or None (not affine)."""
+    if node.op != "call_function" or node.target not in AFFINE_OPS or len(node.args) < 2:
+        return None
+    a, b = node.args[0], node.args[1]
+    ca, cb = _constant(gm, a), _constant(gm, b)
+    if (ca is None) == (cb is None):
+        return "the other operand is not a constant" if ca is None else None
+    x, c = (b, ca) if ca is not None else (a, cb)
+    if not isinstance(x, fx.Node):
+        return None
+    one, zero = torch.ones((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    alpha = node.kwargs.get("alpha", 1)
+    if node.target in MUL:
+        return x, c, zero
+    if node.target in DIV:
+        if x is not a:
+            return "a constant divided by a tensor is not affine"
+        if bool((c == 0).any()):
+            return "division by zero"
+        return x, 1.0 / c, zero
+    if node.target in ADD:
+        return (x, one, alpha * c) if x is a else (x, one * alpha, c)
+    # sub: a - alpha * b
+    return (x, one, -alpha * c) if x is a else (x, -alpha * one, c)
+
+
+def _channel_vector(c: torch.Tensor, shape: tuple[int, ...]) -> tuple[int | None, torch.Tensor] | str:
+    """Where a constant broadcast against ``shape`` varies: (dim or None, values)."""
+    if c.dim() > len(shape):
+        return "the constant has more dimensions than the tensor"
+    full = (1,) * (len(shape) - c.dim()) + tuple(c.shape)
+    varying = [d for d, n in enumerate(full) if n != 1]
+    if not varying:
+        return None, c.reshape(())
+    if len(varying) > 1:
+        return "the constant varies along more than one dimension"
+    d = varying[0]
+    if full[d] != shape[d]:
+        return "the constant broadcasts the tensor to a larger shape"
+    return d, c.reshape(-1)
+
+
+def _map_dim(node: fx.Node, d: int | None, upward: bool) -> int | None | str:
+    """Follow dim ``d`` through a permute/view node (output -> input when ``upward``)."""
+    if d is None:
+        return None
+    in_shape, out_shape = _shape(node.args[0]), _shape(node)
+    if in_shape is None or out_shape is None:
+        return "unknown shapes"
+    if node.target in PERMUTES:
+        if node.target is aten.transpose.int:
+            rank = len(in_shape)
+            i, j = node.args[1] % rank, node.args[2] % rank
+            perm = list(range(rank))
+            perm[i], perm[j] = perm[j], perm[i]
+        else:
+            perm = [p % len(in_shape) for p in node.args[1]]
+        return perm[d] if upward else perm.index(d)
+    # view: dim d keeps its meaning when it has the same size and the same number of
+    # elements before it on both sides (row-major order).
+    src, dst = (out_shape, in_shape) if upward else (in_shape, out_shape)
+    before = 1
+    for n in src[:d]:
+        before *= n
+    acc = 1
+    for e, n in enumerate(dst):
+        if acc == before and n == src[d]:
+            return e
+        acc *= n
+        if acc > before:
+            break
+    return "a reshape splits or merges the channel dimension"
+
+
+def _channel_dim(op: fx.Node, *, output: bool) -> int | None:
+    shape = _shape(op) if output else _shape(op.args[0])
+    if shape is None:
+        return None
+    if op.target is LINEAR:
+        return len(shape) - 1
+    return 1
+
+
+def _trace_up(node: fx.Node, d: int | None) -> tuple[fx.Node, int | None, list[fx.Node]] | str:
+    """Walk from ``node`` up through single-user permutes/views: (first other node, dim, chain)."""
+    chain: list[fx.Node] = []
+    while node.op == "call_function" and node.target in TRANSPARENT and len(node.users) == 1:
+        d = _map_dim(node, d, upward=True)
+        if isinstance(d, str):
+            return d
+        chain.append(node)
+        node = node.args[0]
+    return node, d, chain
+
+
+def _trace_down(node: fx.Node, d: int | None) -> tuple[fx.Node, int | None, list[fx.Node]] | str | None:
+    """Walk from ``node`` down to its single consumer through single-user permutes/views."""
+    chain: list[fx.Node] = []
+    while True:
+        users = list(node.users)
+        if len(users) != 1:
+            return None
+        user = users[0]
+        if user.op == "call_function" and user.target in TRANSPARENT and user.args[0] is node:
+            d = _map_dim(user, d, upward=False)
+            if isinstance(d, str):
+                return d
+            chain.append(user)
+            node = user
+            continue
+        return user, d, chain
+
+
+# ----------------------------------------------------------------------------------------
+# Folding into a conv / linear
+
+
+def _params(gm: fx.GraphModule, op: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None] | str:
+    weight = get_constant(gm, op.args[1])
+    if weight is None or not weight.is_floating_point():
+        return "weight is not a constant"
+    bias_arg = op.args[2] if len(op.args) > 2 else op.kwargs.get("bias")
+    bias = None
+    if bias_arg is not None:
+        bias = get_constant(gm, bias_arg)
+        if bias is None:
+            return "bias is not a constant"
+    return weight, bias
+
+
+def _set_params(gm: fx.GraphModule, op: fx.Node, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    old_weight = op.args[1]
+    weight_name = old_weight.name.removesuffix("_affine")
+    new_weight = add_constant(gm, f"{weight_name}_affine", weight, before=op)
+    bias_arg = op.args[2] if len(op.args) > 2 else op.kwargs.get("bias")
+    bias_name = bias_arg.name.removesuffix("_affine") if isinstance(bias_arg, fx.Node) else f"{weight_name}_bias"
+    new_bias = add_constant(gm, f"{bias_name}_affine", bias, before=op)
+    args = list(op.args)
+    while len(args) < 3:
+        args.append(None)
+    args[1], args[2] = new_weight, new_bias
+    op.args = tuple(args)
+    op.kwargs = {k: v for k, v in op.kwargs.items() if k != "bias"}
+
+
+def _expand(v: torch.Tensor, n: int) -> torch.Tensor:
+    return v.expand(n).clone() if v.dim() == 0 else v
+
+
+def _fold_after(gm: fx.GraphModule, op: fx.Node, s: torch.Tensor, t: torch.Tensor) -> None:
+    """op's output y becomes s * y + t (s, t per output channel or scalars)."""
+    weight, bias = _params(gm, op)
+    w64 = weight.double()
+    if op.target is LINEAR:
+        cout = w64.shape[0]
+        s, t = _expand(s, cout), _expand(t, cout)
+        folded = w64 * s[:, None]
+    elif op.args[6]:  # transposed conv: weight [Cin, Cout/g, k...]
+        groups = op.args[8]
+        cin, cpg, *kernel = w64.shape
+        cout = cpg * groups
+        s, t = _expand(s, cout), _expand(t, cout)
+        grouped = w64.reshape(groups, cin // groups, cpg, *kernel)
+        folded = (grouped * s.reshape(groups, 1, cpg, *[1] * len(kernel))).reshape(w64.shape)
+    else:
+        cout = w64.shape[0]
+        s, t = _expand(s, cout), _expand(t, cout)
+        folded = w64 * s.reshape(cout, *[1] * (w64.dim() - 1))
+    b64 = bias.double() if bias is not None else torch.zeros(cout, dtype=torch.float64)
+    _set_params(gm, op, folded.to(weight.dtype), (s * b64 + t).to(weight.dtype))
+
+
+def _fold_before(gm: fx.GraphModule, op: fx.Node, s: torch.Tensor, t: torch.Tensor) -> None:
+    """op's data input x becomes s * x + t (s, t per input channel or scalars)."""
+    weight, bias = _params(gm, op)
+    w64 = weight.double()
+    cout = w64.shape[0]
+    b64 = bias.double() if bias is not None else torch.zeros(cout, dtype=torch.float64)
+    if op.target is LINEAR:
+        cin = w64.shape[1]
+        s, t = _expand(s, cin), _expand(t, cin)
+        folded, shift = w64 * s[None, :], w64 @ t
+    else:
+        groups = op.args[8]
+        _, cpg, *kernel = w64.shape
+        s, t = _expand(s, cpg * groups), _expand(t, cpg * groups)
+        s_in = s.reshape(groups, cpg).repeat_interleave(cout // groups, dim=0)
+        t_in = t.reshape(groups, cpg).repeat_interleave(cout // groups, dim=0)
+        expand = (cout, cpg, *[1] * len(kernel))
+        folded = w64 * s_in.reshape(expand)
+        shift = (w64 * t_in.reshape(expand)).flatten(1).sum(1)
+    _set_params(gm, op, folded.to(weight.dtype), (b64 + shift).to(weight.dtype))
+
+
+def _check_producer(gm, op: fx.Node, d: int | None) -> str | None:
+    if op.target not in (CONV, LINEAR):
+        return "not a conv/linear"
+    if len(op.users) != 1:
+        return f"the {_kind(op)} output has other users"
+    if d is not None and d != _channel_dim(op, output=True):
+        return "the constant varies along a non-channel dimension"
+    params = _params(gm, op)
+    return params if isinstance(params, str) else None
+
+
+def _check_consumer(gm, op: fx.Node, data: fx.Node, d: int | None, shifts: bool) -> str | None:
+    if op.args[0] is not data or data in op.args[1:] or data in op.kwargs.values():
+        return f"the value is not the {_kind(op)}'s data input"
+    if d is not None and d != _channel_dim(op, output=False):
+        return "the constant varies along a non-channel dimension"
+    if op.target is CONV:
+        if op.args[6]:
+            return "transposed convolution (border outputs see fewer taps)"
+        if shifts and any(p != 0 for p in op.args[4]):
+            return "the convolution pads its input with zeros, not with the shift"
+    params = _params(gm, op)
+    return params if isinstance(params, str) else None
+
+
+def _kind(op: fx.Node) -> str:
+    return "linear" if op.target is LINEAR else "convolution"
+
+
+def _is_op(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (CONV, LINEAR)
+
+
+def _same_type(a: fx.Node, b: fx.Node) -> bool:
+    va, vb = _val(a), _val(b)
+    return va is not None and vb is not None and va.dtype == vb.dtype and tuple(va.shape) == tuple(vb.shape)
+
+
+# ----------------------------------------------------------------------------------------
+# Rules
+
+
+class AffineIntoProducer(Rule):
+    """``A(op(x))`` -> ``op'(x)``: W' = diag(s) W, b' = s b + t."""
+
+    name = "affine_into_producer"
+
+    def match(self, gm, node):
+        affine = _as_affine(gm, node)
+        if affine is None:
+            return NOT_ANCHOR
+        if isinstance(affine, str):
+            # a near miss only when a conv/linear output (read by nothing else) is scaled
+            direct = [a for a in node.args[:2] if _is_op(a) and len(a.users) == 1]
+            return NoMatch(affine) if direct and node.target in MUL else NOT_ANCHOR
+        x, s, t = affine
+        found = _trace_up(x, None)
+        if isinstance(found, str) or not _is_op(found[0]):
+            return NOT_ANCHOR
+        op, _, chain = found
+        if not _same_type(node, x):
+            return NoMatch("the constant changes the output's shape or dtype")
+        shape = _shape(x)
+        per = [_channel_vector(c, shape) for c in (s, t)]
+        for p in per:
+            if isinstance(p, str):
+                return NoMatch(p)
+        dims = {p[0] for p in per if p[0] is not None}
+        if len(dims) > 1:
+            return NoMatch("the constant varies along more than one dimension")
+        d = dims.pop() if dims else None
+        traced = _trace_up(x, d)
+        if isinstance(traced, str):
+            return NoMatch(traced)
+        reason = _check_producer(gm, op, traced[1])
+        if reason:
+            return NoMatch(reason)
+        return Match(nodes={"anchor": node, "x": x, "op": op}, values={"s": per[0][1], "t": per[1][1]})
+
+    def rewrite(self, gm, m):
+        _fold_after(gm, m.nodes["op"], m.values["s"], m.values["t"])
+        m.nodes["anchor"].replace_all_uses_with(m.nodes["x"])
+        gm.graph.erase_node(m.nodes["anchor"])
+
+
+class AffineIntoConsumer(Rule):
+    """``op(A(x))`` -> ``op'(x)``: W' = W diag(s), b' = b + W t."""
+
+    name = "affine_into_consumer"
+
+    def match(self, gm, node):
+        affine = _as_affine(gm, node)
+        if affine is None or isinstance(affine, str):
+            return NOT_ANCHOR
+        x, s, t = affine
+        found = _trace_down(node, None)
+        if found is None or isinstance(found, str) or not _is_op(found[0]):
+            return NOT_ANCHOR
+        op, _, chain = found
+        if not _same_type(node, x):
+            return NoMatch("the constant changes the output's shape or dtype")
+        shape = _shape(node)
+        per = [_channel_vector(c, shape) for c in (s, t)]
+        for p in per:
+            if isinstance(p, str):
+                return NoMatch(p)
+        dims = {p[0] for p in per if p[0] is not None}
+        if len(dims) > 1:
+            return NoMatch("the constant varies along more than one dimension")
+        d = dims.pop() if dims else None
+        traced = _trace_down(node, d)
+        if isinstance(traced, str):
+            return NoMatch(traced)
+        data = chain[-1] if chain else node
+        shifts = bool((per[1][1] != 0).any())
+        reason = _check_consumer(gm, op, data, traced[1], shifts)
+        if reason:
+            return NoMatch(reason)
+        return Match(nodes={"anchor": node, "x": x, "op": op}, values={"s": per[0][1], "t": per[1][1]})
+
+    def rewrite(self, gm, m):
+        _fold_before(gm, m.nodes["op"], m.values["s"], m.values["t"])
+        m.nodes["anchor"].replace_all_uses_with(m.nodes["x"])
+        gm.graph.erase_node(m.nodes["anchor"])
+
+
+class TokenBatchNorm(Rule):
+    """BN reached from/into a conv/linear through permutes/views (LeViT's LinearNorm)."""
+
+    name = "token_bn"
+
+    def match(self, gm, node):
+        if node.target is not BATCH_NORM:
+            return NOT_ANCHOR
+        out = bn_output(node)
+        inp = node.args[0]
+        if out is None or not isinstance(inp, fx.Node):
+            return NOT_ANCHOR
+        # after a conv/linear
+        up = _trace_up(inp, 1) if len(inp.users) == 1 else None
+        if up is not None and not isinstance(up, str) and up[2] and _is_op(up[0]):
+            op, d, _ = up
+            reason = _check_producer(gm, op, d)
+            if reason == "the constant varies along a non-channel dimension":
+                reason = f"BatchNorm normalizes a dimension other than the {_kind(op)}'s channels"
+            if reason is None:
+                affine = bn_affine(gm, node)
+                if isinstance(affine, str):
+                    return NoMatch(affine)
+                return Match(nodes={"bn": node, "out": out, "op": op}, values={"after": True, "st": affine})
+            return NoMatch(reason)
+        # before a linear / conv
+        down = _trace_down(out, 1)
+        if down is not None and not isinstance(down, str) and down[2] and _is_op(down[0]):
+            op, d, chain = down
+            reason = _check_consumer(gm, op, chain[-1], d, shifts=True)
+            if reason == "the constant varies along a non-channel dimension":
+                reason = f"BatchNorm normalizes a dimension other than the {_kind(op)}'s input channels"
+            if reason is None:
+                affine = bn_affine(gm, node)
+                if isinstance(affine, str):
+                    return NoMatch(affine)
+                return Match(nodes={"bn": node, "out": out, "op": op}, values={"after": False, "st": affine})
+            return NoMatch(reason)
+        return NOT_ANCHOR
+
+    def rewrite(self, gm, m):
+        s, t = m.values["st"]
+        (_fold_after if m.values["after"] else _fold_before)(gm, m.nodes["op"], s, t)
+        inp = m.nodes["bn"].args[0]
+        m.nodes["out"].replace_all_uses_with(inp)
+        gm.graph.erase_node(m.nodes["out"])
+        gm.graph.erase_node(m.nodes["bn"])
+        # the views that led into BN and out of it may now undo each other (LeViT's
+        # flatten/reshape, transpose/transpose): read their source directly
+        source, end, ups = _widen(inp, inp)
+        if ups:
+            end.replace_all_uses_with(source)
+
+
+def _views_compose_to_identity(nodes: list[fx.Node], shape: tuple[int, ...]) -> bool:
+    """Do these permute/view nodes (applied in order) map a tensor of ``shape`` onto itself?"""
+    probe = torch.arange(int(torch.Size(shape).numel())).reshape(shape)
+    value = probe
+    for n in nodes:
+        if n.target is aten.transpose.int:
+            value = value.transpose(n.args[1], n.args[2])
+        elif n.target in PERMUTES:
+            value = value.permute(n.args[1])
+        else:
+            value = value.reshape(n.args[1])
+    return tuple(value.shape) == tuple(shape) and torch.equal(value, probe)
+
+
+def _scalar_constant(gm, arg: Any) -> torch.Tensor | None:
+    c = _constant(gm, arg)
+    return c.reshape(()) if c is not None and c.numel() == 1 else None
+
+
+def _widen(x: fx.Node, out: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]]:
+    """The widest ``U`` (views above ``x``) and ``V`` (single-user views below ``out``)
+    with ``V(U(.))`` the identity: (input of U, output of V, U's nodes from x upwards)."""
+    ups: list[fx.Node] = []
+    node = x
+    while node.op == "call_function" and node.target in TRANSPARENT and isinstance(node.args[0], fx.Node):
+        ups.append(node)
+        node = node.args[0]
+    downs: list[fx.Node] = []
+    node = out
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if not (user.op == "call_function" and user.target in TRANSPARENT and user.args[0] is node):
+            break
+        downs.append(user)
+        node = user
+    for i in range(len(ups), 0, -1):
+        shape = _shape(ups[i - 1].args[0])
+        if shape is None:
+            continue
+        for j in range(len(downs), 0, -1):
+            if _views_compose_to_identity(ups[:i][::-1] + downs[:j], shape):
+                return ups[i - 1].args[0], downs[j - 1], ups[:i]
+    return x, out, []
+
+
+class RepBatchNorm(Rule):
+    """SLAB RepBN: ``V^-1(BN(V(x))) + alpha * x`` -> ``x * (s + alpha) + t``."""
+
+    name = "rep_bn"
+
+    def match(self, gm, node):
+        if node.target not in (aten.add.Tensor,) or node.kwargs.get("alpha", 1) != 1:
+            return NOT_ANCHOR
+        for a, mul in (node.args[:2], node.args[1::-1]):
+            if not (isinstance(mul, fx.Node) and mul.target in MUL and isinstance(a, fx.Node)):
+                continue
+            # a = chain_after(getitem(BN(chain_before(x))))
+            after: list[fx.Node] = []
+            g = a
+            while g.op == "call_function" and g.target in TRANSPARENT:
+                after.append(g)
+                g = g.args[0]
+            if g.target is not operator.getitem or g.args[1] != 0 or g.args[0].target is not BATCH_NORM:
+                continue
+            bn = g.args[0]
+            for x, alpha_arg in ((mul.args[0], mul.args[1]), (mul.args[1], mul.args[0])):
+                if not isinstance(x, fx.Node):
+                    continue
+                before_bn: list[fx.Node] = []
+                p = bn.args[0]
+                while p is not x and isinstance(p, fx.Node) and p.op == "call_function" and p.target in TRANSPARENT:
+                    before_bn.append(p)
+                    p = p.args[0]
+                if p is not x:
+                    continue
+                alpha = _scalar_constant(gm, alpha_arg)
+                if alpha is None:
+                    return NoMatch("alpha is not a scalar constant")
+                shape = _shape(x)
+                if shape is None or not _same_type(node, x) or not _same_type(mul, x):
+                    return NoMatch("the sum does not have x's shape and dtype")
+                if not _views_compose_to_identity(before_bn[::-1] + after[::-1], shape):
+                    return NoMatch("the views around BatchNorm do not undo each other")
+                if bn_output(bn) is not g or any(len(n.users) != 1 for n in [g, *after, mul]):
+                    return NoMatch("an intermediate of the RepBN block has other users")
+                # x = U(x0) and the sum is read through V, with V(U(.)) the identity
+                # (transpose -> RepBN -> transpose): work on x0 and replace V's output.
+                x0, out, before = _widen(x, node)
+                before = before + before_bn
+                d = 1
+                for v in before:  # bn input dim 1 -> dim of x0
+                    d = _map_dim(v, d, upward=True)
+                    if isinstance(d, str):
+                        return NoMatch(d)
+                affine = bn_affine(gm, bn)
+                if isinstance(affine, str):
+                    return NoMatch(affine)
+                s, t = affine
+                return Match(nodes={"add": out, "x": x0},
+                             values={"s": s + alpha, "t": t, "dim": d, "rank": len(_shape(x0))})
+        return NOT_ANCHOR
+
+    def rewrite(self, gm, m):
+        add, x = m.nodes["add"], m.nodes["x"]
+        dtype = _val(x).dtype
+        shape = [1] * m.values["rank"]
+        shape[m.values["dim"]] = -1
+        s = add_constant(gm, "rep_bn_scale", m.values["s"].to(dtype).reshape(shape), before=add)
+        t = add_constant(gm, "rep_bn_shift", m.values["t"].to(dtype).reshape(shape), before=add)
+        with gm.graph.inserting_before(add):
+            scaled = gm.graph.call_function(aten.mul.Tensor, (x, s))
+            shifted = gm.graph.call_function(aten.add.Tensor, (scaled, t))
+        scaled.meta["val"] = shifted.meta["val"] = add.meta["val"]
+        add.replace_all_uses_with(shifted)
+
+
+RULES: list[Rule] = [RepBatchNorm(), TokenBatchNorm(), AffineIntoProducer(), AffineIntoConsumer()]

@@ -33,7 +33,6 @@ weight's dtype.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -44,37 +43,15 @@ from optcc.pass_base import Pass, PassResult, register_pass
 from optcc.rewrite import NOT_ANCHOR, Match, NoMatch, Rule, apply_rules
 
 from . import _reparam_affine, _reparam_branches
+from ._batchnorm import BATCH_NORM, bn_affine, bn_output
 
 aten = torch.ops.aten
-BATCH_NORM = aten._native_batch_norm_legit_no_training.default
 CONV = aten.convolution.default
 LINEAR = aten.linear.default
 
 
 # ----------------------------------------------------------------------------------------
 # Shared parts of the rules
-
-
-def _bn_affine(gm: fx.GraphModule, bn: fx.Node) -> tuple[torch.Tensor, torch.Tensor] | str:
-    """(s, t) of an eval BatchNorm node in float64, or a reason it cannot be folded."""
-    _, weight, bias, mean, var, _momentum, eps = bn.args
-    mean_t, var_t = get_constant(gm, mean), get_constant(gm, var)
-    if mean_t is None or var_t is None:
-        return "running statistics are not constants"
-    gamma = get_constant(gm, weight) if weight is not None else torch.ones_like(mean_t)
-    beta = get_constant(gm, bias) if bias is not None else torch.zeros_like(mean_t)
-    if gamma is None or beta is None:
-        return "affine parameters are not constants"
-    scale = gamma.double() / torch.sqrt(var_t.double() + eps)
-    return scale, beta.double() - scale * mean_t.double()
-
-
-def _bn_output(bn: fx.Node) -> fx.Node | str:
-    """The single ``getitem(bn, 0)`` that reads the normalized tensor."""
-    users = list(bn.users)
-    if len(users) != 1 or users[0].target is not operator.getitem or users[0].args[1] != 0:
-        return "BatchNorm's saved statistics are used"
-    return users[0]
 
 
 def _conv_params(gm: fx.GraphModule, conv: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None] | str:
@@ -130,10 +107,10 @@ def _match_producer_then_bn(gm: fx.GraphModule, node: fx.Node, producer_op) -> M
         return NOT_ANCHOR
     if len(producer.users) != 1:
         return NoMatch("the input of BatchNorm has other users")
-    out = _bn_output(node)
-    if isinstance(out, str):
-        return NoMatch(out)
-    affine = _bn_affine(gm, node)
+    out = bn_output(node)
+    if out is None:
+        return NoMatch("BatchNorm's saved statistics are used")
+    affine = bn_affine(gm, node)
     if isinstance(affine, str):
         return NoMatch(affine)
     return Match(nodes={"bn": node, "out": out, "op": producer}, values={"s": affine[0], "t": affine[1]})
@@ -143,8 +120,8 @@ def _match_bn_then_consumer(gm: fx.GraphModule, node: fx.Node, consumer_op) -> M
     """Common check of bn_conv / bn_linear: ``node`` is a BN feeding only ``consumer_op``."""
     if node.target is not BATCH_NORM:
         return NOT_ANCHOR
-    out = _bn_output(node)
-    if isinstance(out, str):
+    out = bn_output(node)
+    if out is None:
         return NOT_ANCHOR
     users = list(out.users)
     if not users or any(u.target is not consumer_op for u in users):
@@ -154,7 +131,7 @@ def _match_bn_then_consumer(gm: fx.GraphModule, node: fx.Node, consumer_op) -> M
     consumer = users[0]
     if consumer.args[0] is not out:
         return NoMatch("the BatchNorm output is not the data input")
-    affine = _bn_affine(gm, node)
+    affine = bn_affine(gm, node)
     if isinstance(affine, str):
         return NoMatch(affine)
     return Match(nodes={"bn": node, "out": out, "op": consumer}, values={"s": affine[0], "t": affine[1]})
