@@ -17,7 +17,8 @@ whatever group count the other branch uses (a depthwise conv merged from diagona
 only, e.g. ``avg_pool(x) + x``, stays diagonal: it is flagged in ``node.meta``). Two
 pointwise diagonal branches (``BN(x) + x``) are left to the affine rules.
 
-``merge_branches``  ``add(A, B)`` (``A + alpha B``) of two branches reading the SAME x ->
+``merge_branches``  ``add(A, B)`` (``A + alpha B``; ``sub`` is ``alpha = -1``, as in FastViT's
+    RepMixer ``mixer(x) - norm(x)``) of two branches reading the SAME x ->
     one convolution with ``W = pad(W_A) + alpha pad(W_B)``, ``b = b_A + alpha b_B``, where
     ``pad`` zero-pads a smaller kernel, centred, to the elementwise-largest kernel size K.
     Chains ``add(add(A, B), C)`` merge pairwise to a fixed point (RepVGG 3x3 + 1x1 +
@@ -73,6 +74,7 @@ from ._batchnorm import bn_affine
 aten = torch.ops.aten
 CONV = aten.convolution.default
 ADD = aten.add.Tensor
+SUB = aten.sub.Tensor
 AVG_POOL = aten.avg_pool2d.default
 BN_EVAL = aten._native_batch_norm_legit_no_training.default
 BN_TRAIN = aten._native_batch_norm_legit_functional.default
@@ -256,12 +258,12 @@ def _feeds(a: fx.Node, b: fx.Node, depth: int = 4) -> bool:
 
 
 class MergeParallelBranches(Rule):
-    """``add(A, B)`` of two linear branches of the same input -> one convolution."""
+    """``add(A, B)`` or ``sub(A, B)`` of two linear branches of the same input -> one convolution."""
 
     name = "merge_branches"
 
     def match(self, gm, node):
-        if node.target is not ADD or len(node.args) != 2:
+        if node.target not in (ADD, SUB) or len(node.args) != 2:
             return NOT_ANCHOR
         a, b = node.args
         if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
@@ -269,6 +271,8 @@ class MergeParallelBranches(Rule):
         alpha = node.kwargs.get("alpha", 1)
         if not isinstance(alpha, (int, float)):
             return NOT_ANCHOR
+        if node.target is SUB:  # A - alpha B = A + (-alpha) B
+            alpha = -alpha
         if _feeds(a, b) or _feeds(b, a):
             return NOT_ANCHOR  # ``f(y) + y``: one value, not two parallel branches
         ra, rb = _resolve(gm, a), _resolve(gm, b)

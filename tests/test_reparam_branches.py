@@ -390,3 +390,29 @@ def test_random_blocks_merge_exactly_after_capture(block):
     model, shape = block
     model = randomize_bn(model).eval()
     check_random_block(model, shape, optcc.capture(model, (torch.randn(shape),)))
+
+
+class RepMixer(nn.Module):
+    """FastViT's token mixer: ``x + layer_scale * (mixer(x) - norm(x))`` with both re-parameterizable."""
+
+    def __init__(self, dim: int = 6):
+        super().__init__()
+        self.mixer_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False)
+        self.mixer_conv_bn = nn.BatchNorm2d(dim)
+        self.mixer_identity = nn.BatchNorm2d(dim)
+        self.norm = nn.BatchNorm2d(dim)
+        self.layer_scale = nn.Parameter(torch.rand(dim, 1, 1) + 0.5)
+
+    def forward(self, x):
+        mixed = self.mixer_conv_bn(self.mixer_conv(x)) + self.mixer_identity(x)
+        return x + self.layer_scale * (mixed - self.norm(x))
+
+
+def test_repmixer_subtraction_and_layer_scale_merge_into_one_conv(golden):
+    model = randomize_bn(RepMixer()).eval()
+    gm, report, error = run_pipeline(model, (torch.randn(2, 6, 7, 7),), ["bn_reparam"])
+    ops = optcc.op_counts(gm)
+    assert ops == {CONV_OP: 1}, ops  # no BatchNorm, sub, mul or add left
+    assert report["bn_reparam"].stats["rules"]["merge_branches"] == 3
+    assert error <= 1e-5
+    golden("bn_reparam", "branches_repmixer", graph_text(gm))
