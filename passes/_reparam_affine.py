@@ -52,6 +52,7 @@ from optcc.ir import add_constant, get_constant
 from optcc.rewrite import NOT_ANCHOR, Match, NoMatch, Rule
 
 from ._batchnorm import BATCH_NORM, bn_affine, bn_output
+from ._weights import replace_weight_and_bias, weight_and_bias
 
 aten = torch.ops.aten
 CONV = aten.convolution.default
@@ -215,41 +216,13 @@ def _trace_down(node: fx.Node, d: int | None) -> tuple[fx.Node, int | None, list
 # Folding into a conv / linear
 
 
-def _params(gm: fx.GraphModule, op: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None] | str:
-    weight = get_constant(gm, op.args[1])
-    if weight is None or not weight.is_floating_point():
-        return "weight is not a constant"
-    bias_arg = op.args[2] if len(op.args) > 2 else op.kwargs.get("bias")
-    bias = None
-    if bias_arg is not None:
-        bias = get_constant(gm, bias_arg)
-        if bias is None:
-            return "bias is not a constant"
-    return weight, bias
-
-
-def _set_params(gm: fx.GraphModule, op: fx.Node, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    old_weight = op.args[1]
-    weight_name = old_weight.name.removesuffix("_affine")
-    new_weight = add_constant(gm, f"{weight_name}_affine", weight, before=op)
-    bias_arg = op.args[2] if len(op.args) > 2 else op.kwargs.get("bias")
-    bias_name = bias_arg.name.removesuffix("_affine") if isinstance(bias_arg, fx.Node) else f"{weight_name}_bias"
-    new_bias = add_constant(gm, f"{bias_name}_affine", bias, before=op)
-    args = list(op.args)
-    while len(args) < 3:
-        args.append(None)
-    args[1], args[2] = new_weight, new_bias
-    op.args = tuple(args)
-    op.kwargs = {k: v for k, v in op.kwargs.items() if k != "bias"}
-
-
 def _expand(v: torch.Tensor, n: int) -> torch.Tensor:
     return v.expand(n).clone() if v.dim() == 0 else v
 
 
 def _fold_after(gm: fx.GraphModule, op: fx.Node, s: torch.Tensor, t: torch.Tensor) -> None:
     """op's output y becomes s * y + t (s, t per output channel or scalars)."""
-    weight, bias = _params(gm, op)
+    weight, bias = weight_and_bias(gm, op)
     w64 = weight.double()
     if op.target is LINEAR:
         cout = w64.shape[0]
@@ -267,12 +240,12 @@ def _fold_after(gm: fx.GraphModule, op: fx.Node, s: torch.Tensor, t: torch.Tenso
         s, t = _expand(s, cout), _expand(t, cout)
         folded = w64 * s.reshape(cout, *[1] * (w64.dim() - 1))
     b64 = bias.double() if bias is not None else torch.zeros(cout, dtype=torch.float64)
-    _set_params(gm, op, folded.to(weight.dtype), (s * b64 + t).to(weight.dtype))
+    replace_weight_and_bias(gm, op, folded.to(weight.dtype), (s * b64 + t).to(weight.dtype), "_affine")
 
 
 def _fold_before(gm: fx.GraphModule, op: fx.Node, s: torch.Tensor, t: torch.Tensor) -> None:
     """op's data input x becomes s * x + t (s, t per input channel or scalars)."""
-    weight, bias = _params(gm, op)
+    weight, bias = weight_and_bias(gm, op)
     w64 = weight.double()
     cout = w64.shape[0]
     b64 = bias.double() if bias is not None else torch.zeros(cout, dtype=torch.float64)
@@ -289,7 +262,7 @@ def _fold_before(gm: fx.GraphModule, op: fx.Node, s: torch.Tensor, t: torch.Tens
         expand = (cout, cpg, *[1] * len(kernel))
         folded = w64 * s_in.reshape(expand)
         shift = (w64 * t_in.reshape(expand)).flatten(1).sum(1)
-    _set_params(gm, op, folded.to(weight.dtype), (b64 + shift).to(weight.dtype))
+    replace_weight_and_bias(gm, op, folded.to(weight.dtype), (b64 + shift).to(weight.dtype), "_affine")
 
 
 def _check_producer(gm, op: fx.Node, d: int | None) -> str | None:
@@ -299,7 +272,7 @@ def _check_producer(gm, op: fx.Node, d: int | None) -> str | None:
         return f"the {_kind(op)} output has other users"
     if d is not None and d != _channel_dim(op, output=True):
         return "the constant varies along a non-channel dimension"
-    params = _params(gm, op)
+    params = weight_and_bias(gm, op)
     return params if isinstance(params, str) else None
 
 
@@ -313,7 +286,7 @@ def _check_consumer(gm, op: fx.Node, data: fx.Node, d: int | None, shifts: bool)
             return "transposed convolution (border outputs see fewer taps)"
         if shifts and any(p != 0 for p in op.args[4]):
             return "the convolution pads its input with zeros, not with the shift"
-    params = _params(gm, op)
+    params = weight_and_bias(gm, op)
     return params if isinstance(params, str) else None
 
 

@@ -38,12 +38,12 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from optcc.ir import add_constant, get_constant
 from optcc.pass_base import Pass, PassResult, register_pass
 from optcc.rewrite import NOT_ANCHOR, Match, NoMatch, Rule, apply_rules
 
 from . import _reparam_affine, _reparam_branches
 from ._batchnorm import BATCH_NORM, bn_affine, bn_output
+from ._weights import replace_weight_and_bias, weight_and_bias
 
 aten = torch.ops.aten
 CONV = aten.convolution.default
@@ -54,48 +54,9 @@ LINEAR = aten.linear.default
 # Shared parts of the rules
 
 
-def _conv_params(gm: fx.GraphModule, conv: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None] | str:
-    weight = get_constant(gm, conv.args[1])
-    if weight is None:
-        return "weight is not a constant"
-    bias = None
-    if conv.args[2] is not None:
-        bias = get_constant(gm, conv.args[2])
-        if bias is None:
-            return "bias is not a constant"
-    return weight, bias
-
-
-def _linear_params(gm: fx.GraphModule, linear: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None] | str:
-    weight = get_constant(gm, linear.args[1])
-    if weight is None:
-        return "weight is not a constant"
-    bias_arg = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
-    bias = None
-    if bias_arg is not None:
-        bias = get_constant(gm, bias_arg)
-        if bias is None:
-            return "bias is not a constant"
-    return weight, bias
-
-
 def _rank(node: fx.Node) -> int | None:
     val = node.meta.get("val")
     return val.dim() if isinstance(val, torch.Tensor) else None
-
-
-def _set_weight_and_bias(gm: fx.GraphModule, op: fx.Node, weight: torch.Tensor, bias: torch.Tensor) -> None:
-    """Point ``op`` (conv or linear) at new constants named after the old ones."""
-    old_weight = op.args[1]
-    new_weight = add_constant(gm, f"{old_weight.name}_bn", weight, before=op)
-    bias_name = op.args[2].name if len(op.args) > 2 and op.args[2] is not None else f"{old_weight.name}_bias"
-    new_bias = add_constant(gm, f"{bias_name}_bn", bias, before=op)
-    args = list(op.args)
-    while len(args) < 3:
-        args.append(None)
-    args[1], args[2] = new_weight, new_bias
-    op.args = tuple(args)
-    op.kwargs = {k: v for k, v in op.kwargs.items() if k != "bias"}
 
 
 def _match_producer_then_bn(gm: fx.GraphModule, node: fx.Node, producer_op) -> Match | NoMatch:
@@ -154,7 +115,7 @@ class ConvThenBatchNorm(Rule):
         m = _match_producer_then_bn(gm, node, CONV)
         if not m:
             return m
-        params = _conv_params(gm, m.nodes["op"])
+        params = weight_and_bias(gm, m.nodes["op"])
         if isinstance(params, str):
             return NoMatch(params)
         m.values["weight"], m.values["bias"] = params
@@ -173,7 +134,7 @@ class ConvThenBatchNorm(Rule):
         else:
             folded = weight * _per_channel(s, weight.dim(), 0)
         dtype = m.values["weight"].dtype
-        _set_weight_and_bias(gm, conv, folded.to(dtype), (s * bias + t).to(dtype))
+        replace_weight_and_bias(gm, conv, folded.to(dtype), (s * bias + t).to(dtype), "_bn")
         m.nodes["out"].replace_all_uses_with(conv)
 
 
@@ -186,7 +147,7 @@ class LinearThenBatchNorm(Rule):
             return m
         if _rank(m.nodes["op"]) != 2:
             return NoMatch("BatchNorm normalizes a dimension other than the linear's features")
-        params = _linear_params(gm, m.nodes["op"])
+        params = weight_and_bias(gm, m.nodes["op"])
         if isinstance(params, str):
             return NoMatch(params)
         m.values["weight"], m.values["bias"] = params
@@ -197,7 +158,7 @@ class LinearThenBatchNorm(Rule):
         weight = m.values["weight"]
         bias = m.values["bias"].double() if m.values["bias"] is not None else torch.zeros_like(s)
         folded = weight.double() * s[:, None]
-        _set_weight_and_bias(gm, linear, folded.to(weight.dtype), (s * bias + t).to(weight.dtype))
+        replace_weight_and_bias(gm, linear, folded.to(weight.dtype), (s * bias + t).to(weight.dtype), "_bn")
         m.nodes["out"].replace_all_uses_with(linear)
 
 
@@ -213,7 +174,7 @@ class BatchNormThenConv(Rule):
             return NoMatch("transposed convolution (border outputs see fewer taps)")
         if any(p != 0 for p in conv.args[4]):
             return NoMatch("the convolution pads its input with zeros, not with the BatchNorm shift")
-        params = _conv_params(gm, conv)
+        params = weight_and_bias(gm, conv)
         if isinstance(params, str):
             return NoMatch(params)
         m.values["weight"], m.values["bias"] = params
@@ -233,7 +194,7 @@ class BatchNormThenConv(Rule):
         shift = (w64 * t_in.reshape(expand)).flatten(1).sum(1)
         bias = m.values["bias"].double() if m.values["bias"] is not None else torch.zeros(cout, dtype=torch.float64)
         conv.replace_input_with(m.nodes["out"], m.nodes["bn"].args[0])
-        _set_weight_and_bias(gm, conv, folded.to(weight.dtype), (bias + shift).to(weight.dtype))
+        replace_weight_and_bias(gm, conv, folded.to(weight.dtype), (bias + shift).to(weight.dtype), "_bn")
 
 
 class BatchNormThenLinear(Rule):
@@ -245,7 +206,7 @@ class BatchNormThenLinear(Rule):
             return m
         if _rank(m.nodes["out"]) != 2:
             return NoMatch("BatchNorm normalizes a dimension other than the linear's features")
-        params = _linear_params(gm, m.nodes["op"])
+        params = weight_and_bias(gm, m.nodes["op"])
         if isinstance(params, str):
             return NoMatch(params)
         m.values["weight"], m.values["bias"] = params
@@ -257,7 +218,7 @@ class BatchNormThenLinear(Rule):
         w64 = weight.double()
         bias = m.values["bias"].double() if m.values["bias"] is not None else torch.zeros(w64.shape[0], dtype=torch.float64)
         linear.replace_input_with(m.nodes["out"], m.nodes["bn"].args[0])
-        _set_weight_and_bias(gm, linear, (w64 * s[None, :]).to(weight.dtype), (bias + w64 @ t).to(weight.dtype))
+        replace_weight_and_bias(gm, linear, (w64 * s[None, :]).to(weight.dtype), (bias + w64 @ t).to(weight.dtype), "_bn")
 
 
 FOLD_RULES = [ConvThenBatchNorm(), LinearThenBatchNorm(), BatchNormThenConv(), BatchNormThenLinear()]

@@ -19,5 +19,17 @@ def run_pipeline(model: torch.nn.Module, inputs: tuple, passes: list):
     return gm, report, output_error(expected, got)
 
 
+def randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial running statistics and affine parameters, so a wrong fold shows."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.25, 4)
+            if m.affine:
+                m.weight.data.uniform_(0.25, 2)
+                m.bias.data.uniform_(-1, 1)
+    return model
+
+
 def count(gm, op: str) -> int:
     return optcc.op_counts(gm).get(op, 0)

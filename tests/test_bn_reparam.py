@@ -7,24 +7,12 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from helpers import count, run_pipeline
+from helpers import count, randomize_bn, run_pipeline
 
 import optcc
 from optcc.dump import graph_text
 
 BN_OP = "aten._native_batch_norm_legit_no_training"
-
-
-def randomize_bn(model: nn.Module) -> nn.Module:
-    """Non-trivial running statistics and affine parameters, so a wrong fold shows."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.25, 4)
-            if m.affine:
-                m.weight.data.uniform_(0.25, 2)
-                m.bias.data.uniform_(-1, 1)
-    return model
 
 
 class Seq(nn.Sequential):

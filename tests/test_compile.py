@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 from helpers import count
-from test_bn_reparam import randomize_bn
+from helpers import randomize_bn
 
 import optcc
 from optcc.lowering import LoweringNotAvailable

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 from helpers import count, run_pipeline
-from test_bn_reparam import randomize_bn
+from helpers import randomize_bn
 
 import optcc
 from optcc.dump import graph_text

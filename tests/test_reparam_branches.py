@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from helpers import count, run_pipeline
+from helpers import count, randomize_bn, run_pipeline
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -23,18 +23,6 @@ from optcc.pass_manager import output_error
 BN_OP = "aten._native_batch_norm_legit_no_training"
 CONV_OP = "aten.convolution"
 aten = torch.ops.aten
-
-
-def randomize_bn(model: nn.Module) -> nn.Module:
-    """Non-trivial running statistics and affine parameters, so a wrong fold shows."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.25, 4)
-            if m.affine:
-                m.weight.data.uniform_(0.25, 2)
-                m.bias.data.uniform_(-1, 1)
-    return model
 
 
 def conv_bn(cin, cout, k, stride=1, padding=0, groups=1, dilation=1, bn=True, bias=False):
