@@ -307,6 +307,24 @@ def _same_type(a: fx.Node, b: fx.Node) -> bool:
 # Rules
 
 
+def _per_channel(s: torch.Tensor, t: torch.Tensor, shape) -> tuple[int | None, torch.Tensor, torch.Tensor] | str:
+    """(channel dim or None for scalars, s, t) of a scale/shift pair, or why it is not per-channel."""
+    per = [_channel_vector(c, shape) for c in (s, t)]
+    for p in per:
+        if isinstance(p, str):
+            return p
+    dims = {p[0] for p in per if p[0] is not None}
+    if len(dims) > 1:
+        return "the constant varies along more than one dimension"
+    return (dims.pop() if dims else None), per[0][1], per[1][1]
+
+
+def _bypass(gm: fx.GraphModule, m: Match) -> None:
+    """The affine op is folded away: its users read its input instead."""
+    m.nodes["anchor"].replace_all_uses_with(m.nodes["x"])
+    gm.graph.erase_node(m.nodes["anchor"])
+
+
 class AffineIntoProducer(Rule):
     """``A(op(x))`` -> ``op'(x)``: W' = diag(s) W, b' = s b + t."""
 
@@ -327,27 +345,21 @@ class AffineIntoProducer(Rule):
         op, _, chain = found
         if not _same_type(node, x):
             return NoMatch("the constant changes the output's shape or dtype")
-        shape = _shape(x)
-        per = [_channel_vector(c, shape) for c in (s, t)]
-        for p in per:
-            if isinstance(p, str):
-                return NoMatch(p)
-        dims = {p[0] for p in per if p[0] is not None}
-        if len(dims) > 1:
-            return NoMatch("the constant varies along more than one dimension")
-        d = dims.pop() if dims else None
+        per_channel = _per_channel(s, t, _shape(x))
+        if isinstance(per_channel, str):
+            return NoMatch(per_channel)
+        d, s, t = per_channel
         traced = _trace_up(x, d)
         if isinstance(traced, str):
             return NoMatch(traced)
         reason = _check_producer(gm, op, traced[1])
         if reason:
             return NoMatch(reason)
-        return Match(nodes={"anchor": node, "x": x, "op": op}, values={"s": per[0][1], "t": per[1][1]})
+        return Match(nodes={"anchor": node, "x": x, "op": op}, values={"s": s, "t": t})
 
     def rewrite(self, gm, m):
         _fold_after(gm, m.nodes["op"], m.values["s"], m.values["t"])
-        m.nodes["anchor"].replace_all_uses_with(m.nodes["x"])
-        gm.graph.erase_node(m.nodes["anchor"])
+        _bypass(gm, m)
 
 
 class AffineIntoConsumer(Rule):
@@ -366,29 +378,23 @@ class AffineIntoConsumer(Rule):
         op, _, chain = found
         if not _same_type(node, x):
             return NoMatch("the constant changes the output's shape or dtype")
-        shape = _shape(node)
-        per = [_channel_vector(c, shape) for c in (s, t)]
-        for p in per:
-            if isinstance(p, str):
-                return NoMatch(p)
-        dims = {p[0] for p in per if p[0] is not None}
-        if len(dims) > 1:
-            return NoMatch("the constant varies along more than one dimension")
-        d = dims.pop() if dims else None
+        per_channel = _per_channel(s, t, _shape(node))
+        if isinstance(per_channel, str):
+            return NoMatch(per_channel)
+        d, s, t = per_channel
         traced = _trace_down(node, d)
         if isinstance(traced, str):
             return NoMatch(traced)
         data = chain[-1] if chain else node
-        shifts = bool((per[1][1] != 0).any())
+        shifts = bool((t != 0).any())
         reason = _check_consumer(gm, op, data, traced[1], shifts)
         if reason:
             return NoMatch(reason)
-        return Match(nodes={"anchor": node, "x": x, "op": op}, values={"s": per[0][1], "t": per[1][1]})
+        return Match(nodes={"anchor": node, "x": x, "op": op}, values={"s": s, "t": t})
 
     def rewrite(self, gm, m):
         _fold_before(gm, m.nodes["op"], m.values["s"], m.values["t"])
-        m.nodes["anchor"].replace_all_uses_with(m.nodes["x"])
-        gm.graph.erase_node(m.nodes["anchor"])
+        _bypass(gm, m)
 
 
 class TokenBatchNorm(Rule):

@@ -19,6 +19,20 @@ def run_pipeline(model: torch.nn.Module, inputs: tuple, passes: list):
     return gm, report, output_error(expected, got)
 
 
+def assert_left_alone(model: torch.nn.Module, inputs: tuple, pass_name: str, reason: str):
+    """The pass must leave ``model``'s graph untouched and say why (``reason``); returns the graph."""
+    from optcc.dump import graph_text
+
+    before = graph_text(optcc.capture(model, inputs))
+    gm, report, error = run_pipeline(model, inputs, [pass_name])
+    record = report[pass_name]
+    assert record.matches == 0 and record.status == "unchanged"
+    assert record.stats["missed"] == {reason: 1}
+    assert graph_text(gm) == before
+    assert error <= 1e-6
+    return gm
+
+
 def randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
     """Non-trivial running statistics and affine parameters, so a wrong fold shows."""
     for m in model.modules():

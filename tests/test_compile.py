@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from helpers import count
-from helpers import randomize_bn
+from helpers import count, randomize_bn
 
 import optcc
 from optcc.lowering import LoweringNotAvailable
