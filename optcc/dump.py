@@ -8,6 +8,9 @@ values)::
       %conv_weight: f32[8, 3, 3, 3] = constant
       %convolution: f32[1, 8, 8, 8] = aten.convolution(%x, %conv_weight, %conv_bias, [1, 1], ...)
       return (%relu,)
+
+A fused region prints as one node followed by its reference subgraph in braces (text)
+or as a cluster of its ops (dot/svg).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from .ir import op_name
+from .regions import REGION_KEY, is_region, region_module
 
 _DTYPES = {
     torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
@@ -43,11 +47,11 @@ def type_text(val: Any) -> str:
     return "?" if val is None else type(val).__name__
 
 
-def _arg_text(arg: Any) -> str:
+def _arg_text(arg: Any, names: dict[str, str] | None = None) -> str:
     if isinstance(arg, fx.Node):
-        return f"%{arg.name}"
+        return f"%{names.get(arg.name, arg.name) if names else arg.name}"
     if isinstance(arg, (list, tuple)):
-        inner = ", ".join(_arg_text(a) for a in arg)
+        inner = ", ".join(_arg_text(a, names) for a in arg)
         return f"[{inner}]" if isinstance(arg, list) else f"({inner}{',' if len(arg) == 1 else ''})"
     if isinstance(arg, torch.dtype):
         return _DTYPES.get(arg, str(arg))
@@ -56,25 +60,44 @@ def _arg_text(arg: Any) -> str:
     return str(arg)
 
 
-def node_text(node: fx.Node) -> str:
+def node_text(node: fx.Node, names: dict[str, str] | None = None) -> str:
+    """One line for ``node``; ``names`` renames nodes (a region's inputs to the outer args)."""
     typ = type_text(node.meta.get("val"))
     if node.op == "placeholder":
         return f"%{node.name}: {typ} = input"
     if node.op == "get_attr":
         return f"%{node.name}: {typ} = constant"
     if node.op == "output":
-        return f"return {_arg_text(node.args[0])}"
-    args = [_arg_text(a) for a in node.args] + [f"{k}={_arg_text(v)}" for k, v in node.kwargs.items()]
+        return f"return {_arg_text(node.args[0], names)}"
+    args = [_arg_text(a, names) for a in node.args] + [f"{k}={_arg_text(v, names)}" for k, v in node.kwargs.items()]
+    if is_region(node):
+        return f"%{node.name}: {typ} = region {node.meta[REGION_KEY]}({', '.join(args)})"
     return f"%{node.name}: {typ} = {op_name(node)}({', '.join(args)})"
+
+
+def _body_lines(gm: fx.GraphModule, indent: str, names: dict[str, str] | None = None) -> list[str]:
+    lines = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        if is_region(node):
+            sub = region_module(gm, node)
+            # Inside the braces a region's inputs are called by the outer values they are.
+            placeholders = [n.name for n in sub.graph.nodes if n.op == "placeholder"]
+            inner_names = {p: _arg_text(a, names)[1:] for p, a in zip(placeholders, node.args)}
+            lines.append(f"{indent}{node_text(node, names)} {{")
+            lines += _body_lines(sub, indent + "    ", inner_names)
+            lines.append(f"{indent}}}")
+        else:
+            lines.append(indent + node_text(node, names))
+    return lines
 
 
 def graph_text(gm: fx.GraphModule) -> str:
     inputs = ", ".join(
         f"{n.name}: {type_text(n.meta.get('val'))}" for n in gm.graph.nodes if n.op == "placeholder"
     )
-    lines = [f"graph({inputs}):"]
-    lines += ["  " + node_text(n) for n in gm.graph.nodes if n.op != "placeholder"]
-    return "\n".join(lines) + "\n"
+    return "\n".join([f"graph({inputs}):", *_body_lines(gm, "  ")]) + "\n"
 
 
 # ----------------------------------------------------------------------------------------
@@ -83,22 +106,59 @@ def graph_text(gm: fx.GraphModule) -> str:
 _COLORS = {"placeholder": "#cfe8ff", "get_attr": "#eeeeee", "output": "#cfe8ff"}
 
 
+def _dot_node(ident: str, node: fx.Node, indent: str) -> str:
+    if node.op == "call_function":
+        label = f"{op_name(node)}\\n{type_text(node.meta.get('val'))}"
+        color = "#fff2cc"
+    else:
+        label = f"{node.op}: {node.name}\\n{type_text(node.meta.get('val'))}" if node.op != "output" else "output"
+        color = _COLORS.get(node.op, "#ffffff")
+    return f'{indent}"{ident}" [label="{label}", fillcolor="{color}"];'
+
+
 def graph_dot(gm: fx.GraphModule, title: str = "graph") -> str:
-    """Graphviz source; constants are folded into their users' labels to keep it readable."""
+    """Graphviz source; constants are folded into their users' labels to keep it readable,
+    and each fused region is drawn as a cluster of its reference ops."""
     lines = [f'digraph "{title}" {{', "  rankdir=TB;", '  node [shape=box, style="rounded,filled", fontname="monospace", fontsize=10];']
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            continue
-        if node.op == "call_function":
-            label = f"{op_name(node)}\\n{type_text(node.meta.get('val'))}"
-            color = "#fff2cc"
-        else:
-            label = f"{node.op}: {node.name}\\n{type_text(node.meta.get('val'))}" if node.op != "output" else "output"
-            color = _COLORS.get(node.op, "#ffffff")
-        lines.append(f'  "{node.name}" [label="{label}", fillcolor="{color}"];')
+    producer: dict[fx.Node, str] = {}  # which dot node carries a graph value
+
+    def edges(node: fx.Node, ident: str, sources: dict, indent: str) -> None:
         for arg in node.all_input_nodes:
-            if arg.op != "get_attr":
-                lines.append(f'  "{arg.name}" -> "{node.name}";')
+            if sources.get(arg):
+                lines.append(f'{indent}"{sources[arg]}" -> "{ident}";')
+
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" or node in producer:
+            continue
+        if not is_region(node):
+            lines.append(_dot_node(node.name, node, "  "))
+            edges(node, node.name, producer, "  ")
+            producer[node] = node.name
+            continue
+        sub = region_module(gm, node)
+        lines.append(f'  subgraph "cluster_{node.name}" {{')
+        lines.append(f'    label="{node.name}: {node.meta[REGION_KEY]}"; style="rounded,filled"; fillcolor="#e6f2e6"; color="#4d8f4d";')
+        inner: dict[fx.Node, str | None] = {}
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        for placeholder, arg in zip(placeholders, node.args):
+            inner[placeholder] = producer.get(arg)
+        results = None
+        for sub_node in sub.graph.nodes:
+            if sub_node.op == "placeholder":
+                continue
+            if sub_node.op == "output":
+                results = sub_node.args[0]
+                continue
+            ident = f"{node.name}/{sub_node.name}"
+            lines.append(_dot_node(ident, sub_node, "    "))
+            edges(sub_node, ident, inner, "    ")
+            inner[sub_node] = ident
+        lines.append("  }")
+        if isinstance(results, (tuple, list)):
+            for user in node.users:  # getitem(region, i) carries result i
+                producer[user] = inner[results[user.args[1]]]
+        else:
+            producer[node] = inner[results]
     lines.append("}")
     return "\n".join(lines) + "\n"
 

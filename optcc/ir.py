@@ -305,8 +305,12 @@ def refresh_meta(gm: fx.GraphModule) -> None:
 
 
 def op_name(node: fx.Node) -> str:
-    """A short, stable name for what a node computes (``aten.convolution``, ``getitem``)."""
+    """A short, stable name for what a node computes (``aten.convolution``, ``getitem``,
+    ``region.gemm``)."""
     target = node.target
+    region = node.meta.get("optcc_region") if node.op == "call_module" else None
+    if region is not None:
+        return f"region.{region.kind}"
     if isinstance(target, torch._ops.OpOverload):
         name = f"{target.namespace}.{target._opname}"
         return name if target._overloadname == "default" else f"{name}.{target._overloadname}"
@@ -316,8 +320,21 @@ def op_name(node: fx.Node) -> str:
 
 
 def op_counts(gm: fx.GraphModule) -> Counter:
-    """How many times each operator is called in the graph (call_* nodes only)."""
-    return Counter(op_name(n) for n in gm.graph.nodes if n.op.startswith("call_"))
+    """How many times each operator is called in the graph (call_* nodes only).
+
+    A fused region counts once as ``region.<kind>`` and its reference ops count as ops,
+    so "how many convolutions" has the same answer before and after grouping.
+    """
+    counts: Counter = Counter()
+    for node in gm.graph.nodes:
+        if not node.op.startswith("call_"):
+            continue
+        counts[op_name(node)] += 1
+        if node.op == "call_module":
+            sub = gm.get_submodule(node.target)
+            if isinstance(sub, fx.GraphModule):
+                counts.update(op_counts(sub))
+    return counts
 
 
 def flat_inputs(gm: fx.GraphModule, args: Iterable, kwargs: dict | None = None) -> list:
@@ -366,3 +383,25 @@ def example_inputs_of(program: ExportedProgram) -> tuple[tuple, dict]:
                 flat.append(val)
     args, kwargs = pytree.tree_unflatten(flat, program.call_spec.in_spec)
     return tuple(args), dict(kwargs)
+
+
+def insert_call(graph: fx.Graph, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+    """``graph.call_function`` at the current insertion point, with ``meta["val"]`` derived.
+
+    Rules that read shapes of nodes they created earlier in the same pass need the fake
+    value at once, before the pass manager re-propagates the whole graph.
+    """
+    from torch.utils._pytree import tree_map_only
+
+    kwargs = kwargs or {}
+    node = graph.call_function(target, args, kwargs)
+    fake_args, fake_kwargs = tree_map_only(fx.Node, lambda n: n.meta["val"], (args, kwargs))
+    mode = _fake_mode_of(graph)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if mode is None:
+            node.meta["val"] = target(*fake_args, **fake_kwargs)
+        else:
+            with mode:
+                node.meta["val"] = target(*fake_args, **fake_kwargs)
+    return node

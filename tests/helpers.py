@@ -19,13 +19,14 @@ def run_pipeline(model: torch.nn.Module, inputs: tuple, passes: list):
     return gm, report, output_error(expected, got)
 
 
-def assert_left_alone(model: torch.nn.Module, inputs: tuple, pass_name: str, reason: str):
-    """The pass must leave ``model``'s graph untouched and say why (``reason``); returns the graph."""
+def assert_left_alone(model: torch.nn.Module, inputs: tuple, pass_spec, reason: str):
+    """The pass (a name or ``(name, options)``) must leave ``model``'s graph untouched and
+    say why (``reason``); returns the graph."""
     from optcc.dump import graph_text
 
     before = graph_text(optcc.capture(model, inputs))
-    gm, report, error = run_pipeline(model, inputs, [pass_name])
-    record = report[pass_name]
+    gm, report, error = run_pipeline(model, inputs, [pass_spec])
+    record = report[pass_spec if isinstance(pass_spec, str) else pass_spec[0]]
     assert record.matches == 0 and record.status == "unchanged"
     assert record.stats["missed"] == {reason: 1}
     assert graph_text(gm) == before
