@@ -200,7 +200,8 @@ class AttentionFromMatmuls(Rule):
         dim = softmax.args[1] % len(shape)
         if dim != len(shape) - 1:
             return NoMatch("softmax is not over the key axis")
-        if len(softmax.args) > 2 and softmax.args[2]:
+        dtype = softmax.args[2] if len(softmax.args) > 2 else softmax.kwargs.get("dtype")
+        if dtype is not None and dtype != scores.meta["val"].dtype:
             return NoMatch("softmax changes the dtype")
         if not _same_labels(_replay(list(reversed(moves)), mm_shape), _labels(mm_shape).reshape(shape)):
             return NoMatch("the scores are not the bmm result with its batch unflattened")

@@ -43,7 +43,9 @@ class BlockFusion(Pass):
 
     name = "block_fusion"
     exact = True
-    run_after = ("bn_reparam",)
+    # Regions hide their ops from later rewrites: passes that match linears or convs
+    # (folding, quantization) must run first.
+    run_after = ("bn_reparam", "int8_decomposition")
 
     @dataclass
     class Options:
