@@ -1,25 +1,54 @@
 """Lowering of fused regions to generated Triton kernels (``target="triton"``).
 
-Not implemented in this version: ``is_available()`` is False, so ``target="auto"``
-chooses Inductor, and asking for ``target="triton"`` explicitly raises
-:class:`LoweringNotAvailable` with the alternatives.
+``lower(gm, flat_inputs)`` returns a copy of the rewritten graph in which every region a
+generator supports launches one generated kernel (:mod:`.pointwise`, cached as files by
+:mod:`.cache`, launched by :mod:`.runtime`); the other regions run their reference
+subgraph and every op outside regions stays a torch op, with a warning that says which
+regions were left and why. Kernels need CUDA tensors, or ``TRITON_INTERPRET=1`` to run
+in Triton's interpreter on the CPU (slow; for tests).
+
+Generators today: pointwise regions. Gemm and reduction regions run their reference
+ops, so ``is_available()`` is False and ``target="auto"`` keeps choosing Inductor.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+from collections import Counter
 from typing import Any, Callable, Sequence
 
+import torch
 
-class LoweringNotAvailable(NotImplementedError):
+
+class LoweringNotAvailable(RuntimeError):
     pass
 
 
 def is_available() -> bool:
+    """Whether ``target="auto"`` should pick the Triton lowering (not until every region
+    kind has a kernel generator)."""
     return False
 
 
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def lower(gm: Any, flat_inputs: Sequence[Any]) -> Callable:
-    raise LoweringNotAvailable(
-        "target='triton' is not implemented in this version of optcc; "
-        "use target='inductor' (TorchInductor) or target='eager'"
-    )
+    devices = {x.device.type for x in flat_inputs if isinstance(x, torch.Tensor)}
+    if devices - {"cuda"} and not interpreting():
+        raise LoweringNotAvailable(
+            f"target='triton' runs generated kernels on CUDA tensors, but the inputs are on "
+            f"{', '.join(sorted(devices))}; move the model and inputs to a GPU, set TRITON_INTERPRET=1 "
+            "to run the kernels in Triton's interpreter (slow, for tests), or use target='inductor'"
+        )
+    from .runtime import lower_regions
+
+    lowered, left = lower_regions(gm)
+    if left:
+        reasons = Counter(left.values())
+        summary = "; ".join(f"{count} x {reason}" for reason, count in reasons.most_common())
+        warnings.warn(f"optcc: {len(left)} region(s) run their reference torch ops instead of a "
+                      f"generated kernel: {summary}", stacklevel=2)
+    return lowered
