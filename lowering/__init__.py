@@ -1,14 +1,16 @@
 """Lowering of fused regions to generated Triton kernels (``target="triton"``).
 
 ``lower(gm, flat_inputs)`` returns a copy of the rewritten graph in which every region a
-generator supports launches one generated kernel (:mod:`.pointwise`, cached as files by
-:mod:`.cache`, launched by :mod:`.runtime`); the other regions run their reference
+generator supports launches one generated kernel (cached as files by :mod:`.cache`,
+launched by :mod:`.runtime`); the other regions run their reference
 subgraph and every op outside regions stays a torch op, with a warning that says which
 regions were left and why. Kernels need CUDA tensors, or ``TRITON_INTERPRET=1`` to run
 in Triton's interpreter on the CPU (slow; for tests).
 
-Generators today: pointwise regions. Gemm and reduction regions run their reference
-ops, so ``is_available()`` is False and ``target="auto"`` keeps choosing Inductor.
+Generated today: pointwise regions (:mod:`.pointwise`), reduction regions
+(:mod:`.reduction`), and canonical SDPA nodes through the hand-written flash attention
+kernel. Gemm regions run their reference ops, so ``is_available()`` is False and
+``target="auto"`` keeps choosing Inductor.
 """
 
 from __future__ import annotations

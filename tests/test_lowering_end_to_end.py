@@ -1,0 +1,55 @@
+"""target="triton" end to end in the Triton interpreter: a small CNN and a small ViT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from helpers import randomize_bn
+
+import optcc
+from optcc.kernels.flash_attention import flash_attention
+from optcc.lowering.runtime import PointwiseLaunch, ReductionLaunch
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = torch.relu(self.block(h) + h) * torch.sigmoid(h)
+        return torch.softmax(self.head(h.mean((2, 3))), dim=-1)
+
+
+def _compile(model, x):
+    with pytest.warns(UserWarning, match="run their reference torch ops"):  # gemm regions
+        compiled = optcc.compile(model, example_inputs=(x,), target="triton")
+    launched = compiled.pipeline.cache  # one specialisation, lowered
+    (spec,) = launched.values()
+    return compiled, spec.runner
+
+
+def test_small_cnn():
+    model = randomize_bn(SmallCNN()).eval()
+    x = torch.randn(2, 3, 12, 12)
+    compiled, runner = _compile(model, x)
+    kinds = {type(m) for m in runner.modules()}
+    assert PointwiseLaunch in kinds or ReductionLaunch in kinds
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_small_vit():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              embed_dim=64, num_heads=2, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    compiled, runner = _compile(model, x)
+    assert any(isinstance(m, ReductionLaunch) for m in runner.modules())  # add + layer_norm
+    assert sum(n.target is flash_attention for n in runner.graph.nodes) == 2  # one per block
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
