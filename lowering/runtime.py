@@ -1,7 +1,7 @@
 """Running a graph whose regions are generated Triton kernels (``target="triton"``).
 
 :func:`lower_regions` replaces the submodule of every region the generators support by a
-launch module (:class:`PointwiseLaunch`, :class:`ReductionLaunch`: allocate the outputs,
+launch module (:class:`PointwiseLaunch`, :class:`ReductionLaunch`, :class:`GemmLaunch`: allocate the outputs,
 pass every tensor's strides - broadcast inputs expanded with stride 0 - and launch one
 kernel) and every canonical SDPA node by the hand-written flash attention kernel
 (``optcc.kernels.flash_attention``); every other region keeps its reference subgraph and
@@ -20,6 +20,7 @@ from optcc.regions import REGION_KEY, region_module, regions
 from optcc.kernels.flash_attention import flash_attention
 
 from .cache import load_kernel
+from .gemm import GemmKernel, generate_gemm, row_strides, split_epilogue
 from .pointwise import PointwiseKernel, Unsupported, generate_pointwise
 from .reduction import ReductionKernel, generate_reduction
 
@@ -62,7 +63,74 @@ class ReductionLaunch(torch.nn.Module):
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 
+class GemmLaunch(torch.nn.Module):
+    def __init__(self, plan: GemmKernel):
+        super().__init__()
+        self.plan = plan
+        self.kernel = load_kernel(plan.name, plan.source)
+
+    def forward(self, *inputs: torch.Tensor):
+        plan = self.plan
+        batched = plan.kind == "aten.bmm.default"
+        rows = len(plan.out_shape) - (2 if batched else 1)
+        x, w = inputs[plan.operands[0]], inputs[plan.operands[1]]
+        bias = inputs[plan.operands[2]] if plan.operands[2] >= 0 else x
+        out = torch.empty(plan.out_shape, dtype=plan.out_dtype, device=x.device)
+        epilogue = [inputs[i].expand(plan.out_shape) for i in plan.epilogue_inputs]
+        row_sizes = plan.out_shape[1:-1] if batched else plan.out_shape[:-1]
+        if plan.kind == "aten.linear.default":
+            w_strides = [w.stride(1), w.stride(0), 0]  # W is [N, K]
+        else:
+            w_strides = [w.stride(-2), w.stride(-1), w.stride(0) if batched else 0]
+        strides = row_strides(x, rows, batched) + [x.stride(-1), x.stride(0) if batched else 0]
+        strides += w_strides + [bias.stride(0) if plan.operands[2] >= 0 else 0]
+        for t in epilogue + [out]:
+            strides += row_strides(t, rows, batched) + [t.stride(-1), t.stride(0) if batched else 0]
+        block_m, block_n, block_k = plan.blocks
+        grid = (triton.cdiv(plan.m, block_m), triton.cdiv(plan.n, block_n), plan.batch)
+        if plan.m and plan.n:
+            self.kernel[grid](x, w, bias, *epilogue, out, plan.m, plan.n, plan.k, *row_sizes, *strides,
+                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        return out
+
+
+class VendorAnchorLaunch(torch.nn.Module):
+    """The anchor (a convolution) through torch's vendor kernel, then one generated
+    pointwise kernel for the whole epilogue."""
+
+    def __init__(self, region: fx.GraphModule, name: str):
+        super().__init__()
+        anchor, epilogue, self.epilogue_inputs = split_epilogue(region)
+        placeholders = [n for n in region.graph.nodes if n.op == "placeholder"]
+        index = {p: i for i, p in enumerate(placeholders)}
+        self.anchor = anchor.target
+        self.args = fx.map_arg(anchor.args, lambda a: ("input", index[a]))
+        self.kwargs = dict(anchor.kwargs)
+        self.epilogue = PointwiseLaunch(generate_pointwise(epilogue, name)) if epilogue is not None else None
+
+    def forward(self, *inputs: torch.Tensor):
+        def resolve(a):
+            if isinstance(a, tuple) and len(a) == 2 and a[0] == "input":
+                return inputs[a[1]]
+            if isinstance(a, (list, tuple)):
+                return type(a)(resolve(b) for b in a)
+            return a
+
+        result = self.anchor(*resolve(self.args), **self.kwargs)
+        if self.epilogue is None:
+            return result
+        return self.epilogue(result, *(inputs[i] for i in self.epilogue_inputs))
+
+
+def _gemm_launch(region: fx.GraphModule, name: str) -> torch.nn.Module:
+    anchor = next(n for n in region.graph.nodes if n.op == "call_function")
+    if anchor.target is torch.ops.aten.convolution.default:
+        return VendorAnchorLaunch(region, name)
+    return GemmLaunch(generate_gemm(region, name))
+
+
 GENERATORS = {
+    "gemm": (_gemm_launch, None),
     "pointwise": (generate_pointwise, PointwiseLaunch),
     "reduction": (generate_reduction, ReductionLaunch),
 }
@@ -103,7 +171,7 @@ def lower_regions(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str]]:
         except Unsupported as exc:
             left[node.name] = f"{info.kind}: {exc}"
             continue
-        setattr(lowered, node.target, launch(plan))
+        setattr(lowered, node.target, launch(plan) if launch is not None else plan)
     for node in lowered.graph.nodes:
         if node.target is torch.ops.aten.scaled_dot_product_attention.default:
             refusal = _attention_kernel_refusal(node)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -9,7 +11,7 @@ from helpers import randomize_bn
 
 import optcc
 from optcc.kernels.flash_attention import flash_attention
-from optcc.lowering.runtime import PointwiseLaunch, ReductionLaunch
+from optcc.lowering.runtime import GemmLaunch, PointwiseLaunch, ReductionLaunch, VendorAnchorLaunch
 
 
 class SmallCNN(nn.Module):
@@ -26,7 +28,8 @@ class SmallCNN(nn.Module):
 
 
 def _compile(model, x):
-    with pytest.warns(UserWarning, match="run their reference torch ops"):  # gemm regions
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*run their reference torch ops")  # every region lowered
         compiled = optcc.compile(model, example_inputs=(x,), target="triton")
     launched = compiled.pipeline.cache  # one specialisation, lowered
     (spec,) = launched.values()
@@ -38,7 +41,7 @@ def test_small_cnn():
     x = torch.randn(2, 3, 12, 12)
     compiled, runner = _compile(model, x)
     kinds = {type(m) for m in runner.modules()}
-    assert PointwiseLaunch in kinds or ReductionLaunch in kinds
+    assert {VendorAnchorLaunch, PointwiseLaunch, ReductionLaunch, GemmLaunch} <= kinds
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 
@@ -49,7 +52,8 @@ def test_small_vit():
                               embed_dim=64, num_heads=2, num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
     compiled, runner = _compile(model, x)
-    assert any(isinstance(m, ReductionLaunch) for m in runner.modules())  # add + layer_norm
+    kinds = {type(m) for m in runner.modules()}
+    assert {ReductionLaunch, GemmLaunch, VendorAnchorLaunch} <= kinds  # add + layer_norm, linears, patch conv
     assert sum(n.target is flash_attention for n in runner.graph.nodes) == 2  # one per block
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
