@@ -57,3 +57,19 @@ def test_small_vit():
     assert sum(n.target is flash_attention for n in runner.graph.nodes) == 2  # one per block
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_benchmark_script_runs_tiny_in_the_interpreter():
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "examples" / "bench_lowering.py"
+    env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, str(script), "--tiny"], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    errors = [float(e) for e in re.findall(r"\| ([0-9.e+-]+) \|$", result.stdout, re.M)]
+    assert len(errors) == 8 and max(errors) <= 1e-5, result.stdout
