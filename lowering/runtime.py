@@ -181,3 +181,30 @@ def lower_regions(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str]]:
                 left[node.name] = refusal
     lowered.recompile()
     return lowered, left
+
+
+def region_sources(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """``(region name, generated Triton source)`` for every region of ``gm``; a region
+    left on its reference ops gets a comment saying why instead."""
+    sources = []
+    for node in regions(gm):
+        info = node.meta[REGION_KEY]
+        region = region_module(gm, node)
+        name = f"{node.name}_kernel"
+        try:
+            if info.kind == "gemm":
+                launch = _gemm_launch(region, name)
+                if isinstance(launch, GemmLaunch):
+                    sources.append((node.name, launch.plan.source))
+                elif launch.epilogue is not None:
+                    sources.append((node.name, f"# {launch.anchor} runs as the vendor kernel, then:\n"
+                                               + launch.epilogue.plan.source))
+                else:
+                    sources.append((node.name, f"# {launch.anchor} runs as the vendor kernel (no epilogue)\n"))
+            elif info.kind in GENERATORS:
+                sources.append((node.name, GENERATORS[info.kind][0](region, name).source))
+            else:
+                sources.append((node.name, f"# no {info.kind} kernel generator: runs its reference ops\n"))
+        except Unsupported as exc:
+            sources.append((node.name, f"# runs its reference ops: {exc}\n"))
+    return sources

@@ -163,6 +163,14 @@ def graph_dot(gm: fx.GraphModule, title: str = "graph") -> str:
     return "\n".join(lines) + "\n"
 
 
+def triton_text(gm: fx.GraphModule) -> str:
+    """The Triton source generated for every fused region of ``gm`` (``--format triton``)."""
+    from optcc.lowering.runtime import region_sources
+
+    parts = [f"# ---- {name}\n{source}" for name, source in region_sources(gm)]
+    return "\n".join(parts) if parts else "# no fused regions (run block_fusion to form them)\n"
+
+
 def dot_available() -> bool:
     return shutil.which("dot") is not None
 
@@ -199,6 +207,9 @@ def write_dumps(stages: list[tuple[str, fx.GraphModule]], fmt: str, out_dir: Pat
         if fmt == "text":
             path = stem.with_suffix(".txt")
             path.write_text(graph_text(gm))
+        elif fmt == "triton":
+            path = stem.with_suffix(".py")
+            path.write_text(triton_text(gm))
         elif fmt == "dot" or (fmt == "svg" and not dot_available()):
             path = stem.with_suffix(".dot")
             path.write_text(graph_dot(gm, name))
@@ -206,6 +217,6 @@ def write_dumps(stages: list[tuple[str, fx.GraphModule]], fmt: str, out_dir: Pat
             path = stem.with_suffix(".svg")
             path.write_text(render_svg(graph_dot(gm, name)))
         else:
-            raise ValueError(f"unknown dump format '{fmt}'; choose text, dot, svg or html")
+            raise ValueError(f"unknown dump format '{fmt}'; choose text, dot, svg, html or triton")
         written.append(path)
     return written
