@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench fuzz install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,3 +26,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
+
+# Differential fuzzing, nightly size: many more and bigger random models than CI's 500.
+FUZZ_EXAMPLES ?= 5000
+FUZZ_MAX_BLOCKS ?= 5
+fuzz: $(STAMP)
+	OPTCC_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) OPTCC_FUZZ_MAX_BLOCKS=$(FUZZ_MAX_BLOCKS) HF_HUB_OFFLINE=1 \
+		$(BIN)/pytest -q tests/test_fuzz.py tests/test_fuzz_vocabulary.py

@@ -88,10 +88,6 @@ def generate_gemm(region: fx.GraphModule, name: str) -> GemmKernel:
     k = xv.shape[-1]
     n = out.shape[-1]
     m = math.prod(out.shape[:-1]) // batch
-    if anchor.target is aten.linear.default:
-        w_index = ("n", "k")  # W is [N, K]
-    else:
-        w_index = ("k", "n")  # W is [K, N] (batched for bmm)
     out_shape = tuple(out.shape)
     row_dims = out_shape[1:-1] if anchor.target is aten.bmm.default else out_shape[:-1]
     if any(tuple(v.shape) != out_shape for v in (c.meta["val"] for c in calls[1:])):

@@ -160,7 +160,6 @@ def generate_pointwise(region: fx.GraphModule, name: str) -> PointwiseKernel:
         if node.meta["val"].dtype not in _TRITON_DTYPES:
             raise Unsupported(f"output dtype {node.meta['val'].dtype}")
 
-    index = [f"i{d}" for d in range(rank)]
     params = [f"in{k}_ptr" for k in range(len(placeholders))] + [f"out{j}_ptr" for j in range(len(results))]
     params += ["numel"] + [f"size{d}" for d in range(rank)]
     params += [f"in{k}_stride{d}" for k in range(len(placeholders)) for d in range(rank)]

@@ -79,7 +79,7 @@ def _reduce(node: fx.Node, value: str, n: int, extra: list[str]) -> tuple[str, l
     raise Unsupported(f"reduction {target}")
 
 
-def generate_reduction(region: fx.GraphModule, name: str) -> PointwiseKernel:
+def generate_reduction(region: fx.GraphModule, name: str) -> ReductionKernel:
     """Triton source of a reduction region (see the module docstring)."""
     placeholders = [n for n in region.graph.nodes if n.op == "placeholder"]
     output = next(n for n in region.graph.nodes if n.op == "output")

@@ -10,7 +10,8 @@ Options (all optional): ``passes`` (as for ``optcc.compile``), ``target`` (defau
 rewritten graph with TorchInductor), ``verify``, ``tolerance``, ``fail_fast``.
 
 Dynamo does not guard on the values of parameters, so the backend does: a frozen tensor
-that was replaced or updated in place since the graph was built triggers a rebuild.
+that was replaced, updated in place or given new storage since the graph was built, or
+running statistics with new values, trigger a rebuild.
 
 A dynamo graph that cannot be captured runs unoptimized, with a warning (as
 ``optcc.compile`` falls back to eager); ``fail_fast=True`` makes that an error.
@@ -27,7 +28,8 @@ import torch
 import torch.fx as fx
 
 from . import ir
-from .compile import Pipeline, Specialization, TargetError, default_passes, resolve_target, signature_of
+from .compile import (BUILD_LOCK, Pipeline, RunningStatistics, Specialization, TargetError, default_passes,
+                      resolve_target, signature_of)
 from .pass_base import make_pass
 from .report import Report
 
@@ -77,7 +79,8 @@ class _CompiledDynamoGraph:
         self.gm = gm
         self.pipeline = pipeline
         self.frozen: list[int] | None = None
-        self.versions: list[tuple[int, int]] = []
+        self.versions: list[tuple[int, int, int]] = []
+        self.statistics: RunningStatistics | None = None
         self.user_positions: list[int] = []
         _live_graphs.add(self)
 
@@ -86,42 +89,57 @@ class _CompiledDynamoGraph:
         """The specialisations built so far (graph module, runner, report each)."""
         return list(self.pipeline.cache.values())
 
-    def _model_state(self, inputs: Sequence[Any]) -> list[tuple[int, int]]:
-        return [(id(inputs[i]), inputs[i]._version) for i in self.frozen or ()]
+    def _model_state(self, inputs: Sequence[Any]) -> list[tuple[int, int, int]]:
+        # identity (a replaced parameter), version (in-place updates) and data pointer
+        # (``param.data = ...`` swaps the storage without bumping the version)
+        return [(id(inputs[i]), inputs[i]._version, inputs[i].data_ptr()) for i in self.frozen or ()]
+
+    def _same_state(self, state: list) -> bool:
+        return state == self.versions and self.statistics is not None and not self.statistics.changed()
 
     def __call__(self, *inputs: Any) -> Any:
         if self.frozen is None:
-            self.frozen = [i for i, x in enumerate(inputs) if _is_model_state(x)]
-            # Positions of the user's inputs, found once: testing every input against the
-            # list of frozen positions on each call cost ~0.4 ms a call on resnet50.
-            frozen = set(self.frozen)
-            self.user_positions = [i for i in range(len(inputs)) if i not in frozen]
+            with BUILD_LOCK:
+                if self.frozen is None:
+                    frozen = [i for i, x in enumerate(inputs) if _is_model_state(x)]
+                    # Positions of the user's inputs, found once: testing every input against
+                    # the list of frozen positions on each call cost ~0.4 ms a call on resnet50.
+                    frozen_positions = set(frozen)
+                    self.user_positions = [i for i in range(len(inputs)) if i not in frozen_positions]
+                    self.frozen = frozen
         state = self._model_state(inputs)
-        if state != self.versions:  # weights replaced or updated in place: folded copies are stale
-            self.pipeline.cache.clear()
-            self.versions = state
         user = [inputs[i] for i in self.user_positions]
         key = signature_of(user)
-        entry = self.pipeline.cache.get(key)
+        entry = self.pipeline.cache.get(key) if self._same_state(state) else None
         if entry is None:
-            module = _FrozenGraph(self.gm, inputs, self.frozen).eval()
-            try:
-                entry = self.pipeline.build(lambda: ir.capture(module, tuple(user)), user)
-            except ir.CaptureError as exc:
-                # Some dynamo graphs do not re-export (activation checkpointing's
-                # tag_activation_checkpoint, autocast regions): run the graph dynamo traced,
-                # as optcc.compile runs the model eagerly, rather than fail the user's call.
-                if self.pipeline.fail_fast:
-                    raise
-                warnings.warn(f"optcc: {exc}; running this graph unoptimized", stacklevel=2)
-                report = Report()
-                report.notes.append(f"capture failed, running the dynamo graph unoptimized: {exc}")
-                entry = Specialization(None, self.gm, report)
-            self.pipeline.cache[key] = entry
+            with BUILD_LOCK:  # one build at a time; a thread that waited finds the others' work
+                if not self._same_state(state):  # weights replaced or updated: folded copies are stale
+                    self.pipeline.cache.clear()
+                    self.versions = state
+                    self.statistics = RunningStatistics([inputs[i] for i in self.frozen])
+                entry = self.pipeline.cache.get(key)
+                if entry is None:
+                    entry = self._build(inputs, user)
+                    self.pipeline.cache[key] = entry
         if entry.graph_module is None:
             return self.gm(*inputs)
         flat = ir.flat_inputs(entry.graph_module, user)
         return ir.unflatten_outputs(entry.graph_module, entry.runner(*flat))
+
+    def _build(self, inputs: Sequence[Any], user: list) -> Specialization:
+        module = _FrozenGraph(self.gm, inputs, self.frozen).eval()
+        try:
+            return self.pipeline.build(lambda: ir.capture(module, tuple(user)), user)
+        except ir.CaptureError as exc:
+            # Some dynamo graphs do not re-export (activation checkpointing's
+            # tag_activation_checkpoint, autocast regions): run the graph dynamo traced,
+            # as optcc.compile runs the model eagerly, rather than fail the user's call.
+            if self.pipeline.fail_fast:
+                raise
+            warnings.warn(f"optcc: {exc}; running this graph unoptimized", stacklevel=3)
+            report = Report()
+            report.notes.append(f"capture failed, running the dynamo graph unoptimized: {exc}")
+            return Specialization(None, self.gm, report)
 
 
 def optcc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None):

@@ -3,21 +3,24 @@
     optcc passes
     optcc dump MODEL [--passes a,b] [--after-each] [--format text|dot|svg|html] [--out DIR]
     optcc bench MODEL [--passes a,b] [--runs N] [--batch N] [--targets eager,optcc-eager]
+    optcc export MODEL [--passes a,b] --out model.onnx
     optcc demo
 
 MODEL is a model spec (see :mod:`optcc.models`): ``demo``, ``timm:NAME[@BATCH]``,
-``path/to/file.py:FACTORY`` or ``path/to/model.pt2``. ``--passes`` takes pass names
+``path/to/file.py:FACTORY``, ``path/to/model.pt2`` or ``path/to/model.onnx``. ``--passes`` takes pass names
 separated by commas, each optionally with options, ``token_pruning(r=8)``; without it
 every exact pass runs, and ``--passes none`` runs none.
 
-A user error (bad spec, unknown pass or option, bad flag) prints one line
-``optcc: error: ...`` and exits with status 2; ``--debug`` adds the traceback.
+A user error (bad spec or file, unknown pass or option, bad flag, a model that cannot be
+captured) prints one line ``optcc: error: ...`` and exits with status 2; ``--debug`` adds
+the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import logging
 import sys
 import time
@@ -35,6 +38,7 @@ from .compile import TargetError, default_passes
 from .compile import compile as optcc_compile
 from .dump import dot_available, graph_dot, graph_text, write_dumps
 from .models import SPEC_HELP, ModelSpecError, load_model
+from .onnx_io import OnnxError
 from .pass_base import OptionError, Pass, PassError, UnknownPassError, list_passes, make_pass
 from .pass_manager import PassManager, PassOrderError, output_error
 
@@ -45,8 +49,10 @@ class UsageError(Exception):
     """A command line optcc cannot act on (argparse's complaints included)."""
 
 
-# Errors the user can fix by changing the command: one line, exit status 2.
-USER_ERRORS = (UsageError, ModelSpecError, UnknownPassError, OptionError, PassOrderError, TargetError)
+# Errors the user can fix by changing the command or the model: one line, exit status 2.
+# (A model that cannot be captured names the line of the model that stops torch.export.)
+USER_ERRORS = (UsageError, ModelSpecError, UnknownPassError, OptionError, PassOrderError, TargetError, OnnxError,
+               ir.CaptureError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -188,6 +194,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .onnx_io import export_onnx
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".onnx":
+        raise UsageError(f"--out names the ONNX file to write, e.g. --out model.onnx (got '{args.out}')")
+    passes = parse_passes(args.passes)
+    model, inputs = load_model(args.model, batch=args.batch)
+    compiled = optcc_compile(model, passes, example_inputs=inputs, target="eager", verify=True)
+    if compiled.graph_module is None:
+        raise ir.CaptureError(f"{args.model} could not be captured, so there is no optimized graph to export "
+                              f"({compiled.report.notes[0]})")
+    print(compiled.report.render(), file=sys.stderr)
+    export_onnx(compiled, out, ir.flat_inputs(compiled.graph_module, inputs))
+    print(out)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .bench import BenchResult, Contender, load_average, contention_notes, measure
     from .models import demo_model
@@ -263,6 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=0.15, help="length of one timed run in seconds (default 0.15)")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("export", parents=[common], help="optimize MODEL and write the result as ONNX",
+                       description="Capture MODEL, run the passes (verified on example inputs) and write the "
+                                   "rewritten graph as an ONNX file.")
+    p.add_argument("model", metavar="MODEL", help=SPEC_HELP)
+    p.add_argument("--passes", help=passes_help)
+    p.add_argument("--out", metavar="FILE.onnx", required=True, help="the ONNX file to write")
+    p.add_argument("--batch", type=int, help="batch size for demo, timm: and ONNX models")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("demo", parents=[common], help="optimize the built-in demo model and time it")
     p.add_argument("--runs", type=int, default=5, help="timed runs (default 5)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -282,6 +315,31 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 _original_showwarning = warnings.showwarning
 
 
+class _WithoutPartialGraphs:
+    """stderr, less the partial graph torch.export prints before raising a tracing error.
+
+    That dump is hundreds of lines for a real model; the error line optcc prints names the
+    model's line instead (``--debug`` shows everything).
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.dropped = False
+
+    def write(self, text: str) -> int:
+        if text.lstrip("\n").startswith("def forward("):
+            self.dropped = True
+            return len(text)
+        if self.dropped and text == "\n":  # the newline print() adds after the dump
+            self.dropped = False
+            return len(text)
+        self.dropped = False
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -298,7 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0
     # Inductor logs that it found no CUDA runtime on every CPU compile; that is expected here.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.redirect_stderr(
+            sys.stderr if args.debug else _WithoutPartialGraphs(sys.stderr)):
         warnings.showwarning = _show_warning
         try:
             return args.func(args)
@@ -307,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:
             if isinstance(exc, USER_ERRORS):
                 status, text = 2, _first_line(exc)
-            elif isinstance(exc, (ir.CaptureError, PassError)):
+            elif isinstance(exc, PassError):
                 status, text = 1, _first_line(exc)
             else:  # a bug, in optcc or below it: say so, and where to look
                 status, text = 1, f"{type(exc).__name__}: {_first_line(exc)}"

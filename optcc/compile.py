@@ -16,12 +16,16 @@ A compiled graph is specialised to the shapes, dtypes and devices of the inputs 
 built for. A call with different ones builds (and caches) another specialisation rather
 than run a graph that does not fit. A change to the model's weights or to its
 train/eval mode is noticed, and the graph is rebuilt: folded weights are never stale.
+Inputs the model itself cannot run raise :class:`InputMismatchError` (what was compiled
+for, what came, and the model's own error). Builds hold :data:`BUILD_LOCK`, so a compiled
+module can be called from several threads. See docs/guarantees.md.
 """
 
 from __future__ import annotations
 
 import logging
 import operator
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -68,6 +72,11 @@ def resolve_target(target: str) -> str:
 
 def lower(gm: fx.GraphModule, target: str, flat_inputs: Sequence[Any]) -> Callable:
     """Turn a rewritten canonical graph into something callable on flat inputs."""
+    if target in ("eager", "inductor"):
+        # Both schedule op by op or by themselves: regions would only add call overhead.
+        from .regions import inline_regions
+
+        gm = inline_regions(gm)
     if target == "eager":
         return gm
     if target == "inductor":
@@ -97,6 +106,11 @@ def _describe(sig: tuple) -> str:
         else:
             parts.append(repr(item[1]))
     return "(" + ", ".join(parts) + ")"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @dataclass
@@ -132,42 +146,79 @@ class Pipeline:
 
 
 _VERSION = operator.attrgetter("_version")
+_DATA_PTR = torch.Tensor.data_ptr
 _TRAINING = operator.attrgetter("training")
+
+# torch.export patches global operator tables while it decomposes a graph, so two
+# captures must never run at once, whichever modules or threads they come from.
+BUILD_LOCK = threading.RLock()
+
+
+class RunningStatistics:
+    """The values of 1-D floating buffers: running statistics.
+
+    BatchNorm updates its running mean and variance in training inside the batch_norm
+    kernel, which bumps no version counter, so a model trained eagerly and switched back
+    to eval would look unchanged. These buffers are small (one value per channel): one
+    ``torch.cat`` + ``torch.equal`` per dtype compares them all (~70 us on resnet50).
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            if t.dim() == 1 and t.is_floating_point() and not isinstance(t, torch.nn.Parameter):
+                by_dtype.setdefault(t.dtype, []).append(t)
+        self.groups = [(group, torch.cat(group).clone()) for group in by_dtype.values()]
+
+    def changed(self) -> bool:
+        return not all(torch.equal(torch.cat(group), saved) for group, saved in self.groups)
 
 
 class StateGuard:
     """Notices when a model's weights are replaced or updated in place, or a mode flips.
 
-    Checked on every call, so it is kept to three flat passes over lists made once:
+    Checked on every call, so it is kept to a few flat passes over lists made once:
     tensor version counters (bumped by every in-place update, ``load_state_dict``
-    included), train/eval flags, and the identity of each registered tensor.
+    included), data pointers (``param.data = ...`` and ``model.to(dtype)`` swap the
+    storage without bumping the version), train/eval flags, the identity of everything
+    registered on each module (parameters, buffers, submodules: a replaced parameter or
+    layer), the number of entries (one added or deleted) and the values of running
+    statistics (:class:`RunningStatistics`).
     """
 
     def __init__(self, model: Any):
-        self.modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
+        self.model = model
         self.snapshot()
 
     def snapshot(self) -> None:
-        slots = [
-            (group, name, tensor)
-            for m in self.modules
-            for group in (m._parameters, m._buffers)
-            for name, tensor in group.items()
-            if tensor is not None
-        ]
-        self.groups = [group for group, _, _ in slots]
-        self.names = [name for _, name, _ in slots]
-        self.tensors = [tensor for _, _, tensor in slots]
+        # walked again each time: a replaced submodule brings tensors of its own
+        self.modules = list(self.model.modules()) if isinstance(self.model, torch.nn.Module) else []
+        self.dicts = [d for m in self.modules for d in (m._parameters, m._buffers, m._modules)]
+        self.sizes = list(map(len, self.dicts))
+        slots = [(d, name, value) for d in self.dicts for name, value in d.items() if value is not None]
+        self.slot_dicts = [d for d, _, _ in slots]
+        self.slot_names = [name for _, name, _ in slots]
+        self.slot_values = [value for _, _, value in slots]
+        self.tensors = [v for v in self.slot_values if isinstance(v, torch.Tensor)]
         self.versions = list(map(_VERSION, self.tensors))
+        self.pointers = list(map(_DATA_PTR, self.tensors))
         self.modes = list(map(_TRAINING, self.modules))
+        self.statistics = RunningStatistics([b for m in self.modules for b in m._buffers.values() if b is not None])
 
     def changed(self) -> bool:
         # map() with C-level getters: about half the cost of the equivalent comprehensions
         return (
             list(map(_VERSION, self.tensors)) != self.versions
             or list(map(_TRAINING, self.modules)) != self.modes
-            or not all(map(operator.is_, map(dict.get, self.groups, self.names), self.tensors))
+            or list(map(len, self.dicts)) != self.sizes
+            or not all(map(operator.is_, map(dict.get, self.slot_dicts, self.slot_names), self.slot_values))
+            or list(map(_DATA_PTR, self.tensors)) != self.pointers
+            or self.statistics.changed()
         )
+
+
+class InputMismatchError(TypeError):
+    """A compiled module was called with inputs its model cannot run on."""
 
 
 class OptimizedModule(torch.nn.Module):
@@ -200,16 +251,23 @@ class OptimizedModule(torch.nn.Module):
     def specialize(self, args: tuple, kwargs: dict) -> Specialization:
         flat, _ = pytree.tree_flatten((args, kwargs))
         sig = signature_of(flat)
-        if self._guard.changed():
-            log.info("optcc: the model's weights or mode changed; recompiling")
-            self.pipeline.cache.clear()
-            self._guard.snapshot()
-        entry = self.pipeline.cache.get(sig)
-        if entry is None:
-            if self.pipeline.cache:
-                log.info("optcc: new input signature %s; compiling a specialisation", _describe(sig))
-            entry = self._build(args, kwargs, flat)
-            self.pipeline.cache[sig] = entry
+        # The common case takes no lock: the weights are unchanged and the signature known.
+        if not self._guard.changed():
+            entry = self.pipeline.cache.get(sig)
+            if entry is not None:
+                self._latest = entry
+                return entry
+        with BUILD_LOCK:  # one build at a time; a thread that waited finds the others' work
+            if self._guard.changed():
+                log.info("optcc: the model's weights or mode changed; recompiling")
+                self.pipeline.cache.clear()
+                self._guard.snapshot()
+            entry = self.pipeline.cache.get(sig)
+            if entry is None:
+                if self.pipeline.cache:
+                    log.info("optcc: new input signature %s; compiling a specialisation", _describe(sig))
+                entry = self._build(args, kwargs, flat)
+                self.pipeline.cache[sig] = entry
         self._latest = entry
         return entry
 
@@ -220,17 +278,34 @@ class OptimizedModule(torch.nn.Module):
                 "optcc: the model is in training mode, so training behaviour (BatchNorm batch "
                 "statistics, dropout) is captured and not folded. Call model.eval() before "
                 "compiling for inference.",
-                stacklevel=4,
+                stacklevel=5,
             )
         try:
             return self.pipeline.build(lambda: ir.capture(model, args, kwargs), flat)
         except ir.CaptureError as exc:
+            if self.pipeline.cache:
+                # Compiled before, so the model traces: a failure on these inputs most likely
+                # means they do not fit the model. Say so with the model's own error, rather
+                # than fall back to eager and let the user read a tracing failure first.
+                self._raise_if_model_rejects(args, kwargs, flat, exc)
             if self.pipeline.fail_fast or isinstance(model, ExportedProgram):
                 raise
-            warnings.warn(f"optcc: {exc}; running the model eagerly instead", stacklevel=4)
+            warnings.warn(f"optcc: {exc}; running the model eagerly instead", stacklevel=5)
             report = Report()
             report.notes.append(f"capture failed, running eagerly: {exc}")
             return Specialization(None, lambda *a, **k: model(*a, **k), report)
+
+    def _raise_if_model_rejects(self, args: tuple, kwargs: dict, flat: list, capture_error: Exception) -> None:
+        try:
+            with torch.no_grad():
+                self._model(*args, **kwargs)
+        except Exception as model_error:
+            compiled_for = " or ".join(_describe(sig) for sig in self.pipeline.cache)
+            raise InputMismatchError(
+                f"optcc: the model cannot run on the inputs {_describe(signature_of(flat))} (it was compiled "
+                f"for {compiled_for}); the model says: {type(model_error).__name__}: "
+                f"{_first_line(model_error)}"
+            ) from model_error
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         entry = self.specialize(args, kwargs)

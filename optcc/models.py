@@ -13,7 +13,9 @@ of positional inputs. Accepted specs:
 * ``path/to/file.py:FACTORY``: imports the file and calls ``FACTORY()``, which returns a
   model or a ``(model, example_inputs)`` pair;
 * ``path/to/file.pt2``: a ``torch.export.save`` archive, with random inputs of the shapes
-  it was exported with.
+  it was exported with;
+* ``path/to/file.onnx``: an ONNX model (:mod:`optcc.onnx_io`), with random inputs of its
+  graph's input shapes; a symbolic dimension is 1, or ``batch`` for the first one.
 
 Every problem raises :class:`ModelSpecError` with one line that says what to do.
 """
@@ -36,7 +38,8 @@ from torch.export import ExportedProgram
 DEMO_INPUT_SIZE = 96
 
 SPEC_HELP = (
-    "a model spec is 'demo', 'timm:NAME[@BATCH]', 'path/to/file.py:FACTORY' or 'path/to/model.pt2'"
+    "a model spec is 'demo', 'timm:NAME[@BATCH]', 'path/to/file.py:FACTORY', 'path/to/model.pt2' "
+    "or 'path/to/model.onnx'"
 )
 
 
@@ -118,8 +121,8 @@ def demo_model(batch: int = 1) -> tuple[nn.Module, tuple]:
 def load_model(spec: str, *, batch: int | None = None) -> tuple[nn.Module | ExportedProgram, tuple]:
     """Turn a model spec (see module docstring) into ``(model, example_inputs)``.
 
-    ``batch`` overrides the batch size of ``demo`` and ``timm:`` models; the other forms
-    bring their own inputs.
+    ``batch`` overrides the batch size of ``demo`` and ``timm:`` models and a symbolic
+    batch dimension of an ONNX model; the other forms bring their own inputs.
     """
     spec = spec.strip()
     if batch is not None and batch < 1:
@@ -128,9 +131,11 @@ def load_model(spec: str, *, batch: int | None = None) -> tuple[nn.Module | Expo
         return demo_model(batch or 1)
     if spec.startswith("timm:"):
         return _load_timm(spec[len("timm:"):], batch)
+    if spec.lower().endswith(".onnx"):
+        return _load_onnx(Path(spec), batch)
     if batch is not None:
         raise ModelSpecError(
-            f"--batch applies to 'demo' and 'timm:' models; '{spec}' brings its own inputs"
+            f"--batch applies to 'demo', 'timm:' and ONNX models; '{spec}' brings its own inputs"
         )
     file_part, _, factory = spec.rpartition(":")
     if file_part.endswith(".py"):
@@ -223,6 +228,15 @@ def _load_factory(path: Path, factory: str) -> tuple[nn.Module, tuple]:
         )
     # Every command optimizes for inference: BatchNorm folds only in eval mode.
     return model.eval(), inputs
+
+
+def _load_onnx(path: Path, batch: int | None) -> tuple[nn.Module, tuple]:
+    from .onnx_io import OnnxError, load_onnx
+
+    try:
+        return load_onnx(path, batch=batch)
+    except OnnxError as exc:
+        raise ModelSpecError(str(exc)) from exc
 
 
 # Archive members whose loading would run code from the file (pickled Python objects,

@@ -44,3 +44,16 @@ def golden(request):
         )
 
     return check
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many random models the differential fuzzer checked (printed with or without -s)."""
+    import sys
+
+    fuzz = sys.modules.get("optcc.testing.fuzz")
+    if fuzz is not None and fuzz.STATS.examples:
+        stats = fuzz.STATS
+        terminalreporter.write_line(
+            f"optcc fuzz: {stats.examples} random models, {stats.pass_runs} pass pipelines compared "
+            f"with eager ({stats.cpu_seconds:.0f} CPU s)"
+        )

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from helpers import run_pipeline
 
-import optcc
 from optcc import lowering
 from optcc.lowering.aot import DEFAULT_ARCHS, compile_file_for_target
 from optcc.lowering.cache import source_path, write_source

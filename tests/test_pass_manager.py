@@ -161,3 +161,74 @@ def test_report_records_op_counts_and_prints():
 def test_verify_needs_example_inputs():
     with pytest.raises(ValueError, match="needs example_inputs"):
         optcc.PassManager(["bn_reparam"], verify=True)
+
+
+class BreakThenRaise(optcc.Pass):
+    """Rewires the graph half way, then raises a plain exception (not a PassError)."""
+
+    name = "break_then_raise"
+
+    def run(self, gm):
+        conv = first(gm, aten.convolution.default)
+        relu = first(gm, aten.relu.default)
+        relu.replace_input_with(relu.args[0], conv)  # skips the BatchNorm: wrong if kept
+        raise KeyError("lost track of a node")
+
+
+class DanglingInput(optcc.Pass):
+    """Returns a graph that does not lint (an input from a node erased from the graph)."""
+
+    name = "dangling_input"
+
+    def run(self, gm):
+        relu = first(gm, aten.relu.default)
+        orphan = fx.Graph().placeholder("orphan")
+        relu.args = (orphan,)
+        return optcc.PassResult(gm, True, {"matches": 1})
+
+
+def _outputs(gm, inputs):
+    with torch.no_grad():
+        return list(gm(*inputs))
+
+
+def test_a_pass_that_raises_after_changing_the_graph_leaves_it_untouched():
+    gm, inputs = captured()
+    expected = _outputs(gm, inputs)
+    with pytest.warns(UserWarning, match="pass 'break_then_raise' failed and was skipped: 'lost track"):
+        gm, report = optcc.PassManager([BreakThenRaise(), "bn_reparam"]).run(gm)
+    assert report["break_then_raise"].status == "failed"
+    assert report["break_then_raise"].message.startswith("KeyError")
+    assert report["bn_reparam"].status == "applied"  # the pipeline went on
+    assert optcc.pass_manager.output_error(expected, _outputs(gm, inputs)) <= 1e-5
+
+
+def test_a_pass_that_returns_a_broken_graph_is_reported_and_skipped():
+    gm, inputs = captured()
+    expected = _outputs(gm, inputs)
+    with pytest.warns(UserWarning, match="pass 'dangling_input' failed"):
+        gm, report = optcc.PassManager([DanglingInput()]).run(gm)
+    assert report["dangling_input"].status == "failed"
+    assert optcc.pass_manager.output_error(expected, _outputs(gm, inputs)) == 0.0
+
+
+def test_without_verify_a_wrong_exact_pass_is_not_rolled_back():
+    """verify=False trusts exact passes (this is what differential fuzzing relies on)."""
+    gm, inputs = captured()
+    expected = _outputs(gm, inputs)
+    gm, report = optcc.PassManager([DoubleConvWeight()], verify=False, example_inputs=inputs).run(gm)
+    assert report["double_conv_weight"].status == "applied" and report["double_conv_weight"].error is None
+    assert optcc.pass_manager.output_error(expected, _outputs(gm, inputs)) > 0.1
+
+
+def test_compile_with_verify_rolls_back_a_wrong_pass_and_stays_correct():
+    model, x = small_model(), torch.randn(2, 3, 6, 6)
+    with pytest.warns(UserWarning, match="exact pass 'double_conv_weight' changed the outputs"):
+        compiled = optcc.compile(model, [DoubleConvWeight(), "bn_reparam"], example_inputs=(x,),
+                                 target="eager", verify=True)
+    assert compiled.report["double_conv_weight"].status == "rolled back"
+    assert compiled.report["bn_reparam"].status == "applied"
+    with torch.no_grad():
+        assert optcc.pass_manager.output_error([model(x)], [compiled(x)]) <= 1e-5
+    with pytest.raises(optcc.PassError):
+        optcc.compile(model, [Explode()], example_inputs=(x,), target="eager", fail_fast=True)

@@ -1,0 +1,105 @@
+"""The fuzzer's model generator covers the vocabulary the passes rewrite, and the passes
+really act on what it builds (so the differential fuzz test is not vacuous). Minimized
+failures found by fuzzing are kept here as regression cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import optcc
+from optcc.testing.fuzz import ATTENTION_IDIOMS, MASKS, FuzzStats, ModelSpec, block, build_model, check_spec
+
+BN = "aten._native_batch_norm_legit_no_training"
+IMAGE = (2, 4, 6, 6)
+TOKENS = (2, 5, 8)
+
+# One spec per block kind (and per attention idiom and mask), each checked against eager.
+SPECS = {
+    "conv_bn_act": ModelSpec(IMAGE, (block("conv", cout=6, k=3, stride=2, groups="2", dilation=1, padded=True,
+                                           bias=True, bn=True, bn_first=False, act="hardswish"),)),
+    "bn_conv_unpadded_dilated": ModelSpec(IMAGE, (block("conv", cout=4, k=3, stride=1, groups="1", dilation=2,
+                                                        padded=False, bias=False, bn=False, bn_first=True,
+                                                        act="gelu"),)),
+    "depthwise": ModelSpec(IMAGE, (block("conv", cout=4, k=3, stride=1, groups="dw", dilation=1, padded=True,
+                                         bias=False, bn=True, bn_first=False, act="relu6"),)),
+    "conv_transpose": ModelSpec((1, 2, 3, 3), (block("conv_transpose", cout=4, k=3, stride=2, groups=2,
+                                                     bias=True, act="silu"),)),
+    "residual": ModelSpec(IMAGE, (block("residual", k=3, act="relu"),)),
+    "repvgg": ModelSpec(IMAGE, (block("repvgg", cout=4, k=3, stride=1, depthwise=False, one_by_one=True,
+                                      identity=True, act="relu"),)),
+    "repvgg_strided_dw": ModelSpec(IMAGE, (block("repvgg", cout=4, k=3, stride=2, depthwise=True,
+                                                 one_by_one=True, identity=False, act="identity"),)),
+    "acnet": ModelSpec(IMAGE, (block("acnet", act="leaky_relu"),)),
+    "dbb": ModelSpec(IMAGE, (block("dbb", plain_pool=False, act="sigmoid"),)),
+    "dbb_plain_pool": ModelSpec(IMAGE, (block("dbb", plain_pool=True, act="tanh"),)),
+    "branches_concat": ModelSpec(IMAGE, (block("branches", cout=2),)),
+    "affine_forms": ModelSpec(IMAGE, tuple(block("affine", form=f) for f in ("scale_shift", "scalar", "repbn", "bn"))),
+    "pool_head": ModelSpec(IMAGE, (block("pool", form="max"), block("head", form="flatten", classes=3,
+                                                                     bn_before=True, bn_after=True)), two_outputs=True),
+    "image_to_tokens": ModelSpec(IMAGE, (block("pool", form="avg"), block("to_tokens"),
+                                         block("linear", dout=8, bias=True, token_bn=True, act="gelu_tanh"))),
+    "token_blocks": ModelSpec(TOKENS, (block("channel_bn"), block("layer_norm", affine=True), block("token_mix"),
+                                       block("head_shuffle", heads=2),
+                                       block("mlp", hidden=16, pre_norm=True, residual=True, act="gelu"),
+                                       block("head", pool="cls", classes=3))),
+}
+# every idiom and every mask at least once (the fuzzer draws the other pairs)
+for idiom, mask, bias in [("matmul", "additive", True), ("matmul_fused_qkv", "causal", False),
+                          ("sdpa", "key_padding", True), ("mha", "bool", True), ("sdpa", "none", False)]:
+    SPECS[f"attention_{idiom}_{mask}"] = ModelSpec(TOKENS, (
+        block("attention", idiom=idiom, heads=2, mask=mask, bias=bias, pre_norm=True, residual=True),))
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_exact_passes_match_eager(name):
+    check_spec(SPECS[name], FuzzStats())  # not counted with the random models
+
+
+def test_every_idiom_and_mask_is_covered():
+    covered = {(b.idiom, b.mask) for spec in SPECS.values() for b in spec.blocks if b.kind == "attention"}
+    assert {idiom for idiom, _ in covered} == set(ATTENTION_IDIOMS)
+    assert {mask for _, mask in covered} == set(MASKS)
+
+
+@pytest.mark.parametrize("name", ["repvgg", "repvgg_strided_dw", "acnet", "dbb_plain_pool", "residual", "pool_head", "conv_transpose"])
+def test_bn_reparam_folds_every_batchnorm_the_generator_builds(name):
+    model, inputs = build_model(SPECS[name])
+    gm = optcc.capture(model, inputs)
+    assert optcc.op_counts(gm)[BN] > 0
+    gm, report = optcc.PassManager(["bn_reparam"], fail_fast=True).run(gm)
+    assert report["bn_reparam"].status == "applied"
+    assert optcc.op_counts(gm).get(BN, 0) == 0
+
+
+def test_generated_models_are_deterministic_and_in_eval_mode():
+    spec = SPECS["repvgg"]
+    (m1, (x1,)), (m2, (x2,)) = build_model(spec), build_model(spec)
+    assert not m1.training and torch.equal(x1, x2)
+    with torch.no_grad():
+        assert torch.equal(m1(x1), m2(x2))
+    # the BatchNorm statistics are not the identity a fresh BatchNorm would be
+    bn = next(m for m in m1.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+
+
+def test_a_wrong_pass_is_caught(monkeypatch):
+    """The check itself works: a pass that claims to be exact but changes a weight fails it."""
+    from optcc.ir import add_constant, get_constant
+    from optcc.testing import fuzz
+
+    class ScaleFirstConv(optcc.Pass):
+        name = "scale_first_conv_for_test"
+        exact = True
+
+        def run(self, gm):
+            conv = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.convolution.default)
+            new = add_constant(gm, "scaled", get_constant(gm, conv.args[1]) * 1.001, before=conv)
+            conv.replace_input_with(conv.args[1], new)
+            return optcc.PassResult(gm, True, {"matches": 1})
+
+    monkeypatch.setattr(fuzz, "registered_passes", lambda: {"scale_first_conv_for_test": ScaleFirstConv})
+    monkeypatch.setattr(fuzz, "default_passes", lambda: [ScaleFirstConv()])
+    model, inputs = build_model(SPECS["conv_bn_act"])
+    problems, _ = fuzz.differential_check(model, inputs)
+    assert len(problems) == 1 and "scale_first_conv_for_test: outputs differ from eager" in problems[0]

@@ -1,0 +1,168 @@
+"""optcc::int8_linear kernels: the CPU (fbgemm) path, the Triton kernel in the interpreter
+and compiled ahead of time for sm_80/sm_90, the fake implementation, and bitsandbytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optcc.kernels.int8_linear import (
+    collect_stats,
+    fbgemm_int_matmul,
+    int8_linear,
+    int8_linear_reference,
+    quantize_weight,
+)
+from optcc.kernels.int8_matmul import KERNEL_SIGNATURE, int8_linear_triton, int8_matmul, int8_matmul_kernel
+from optcc.lowering.aot import compile_for_target
+
+# Large blocks: the interpreter's cost is per program, not per element.
+INTERPRETER_BLOCKS = dict(block_m=128, block_n=128, block_k=256, block_o=16)
+
+
+def layer(n=96, k=200, outlier_columns=(4, 50, 51), magnitude=25.0, rows=37):
+    x = torch.randn(rows, k)
+    x[:, list(outlier_columns)] *= magnitude
+    wq, scale = quantize_weight(torch.randn(n, k) / k ** 0.5)
+    return x, wq, scale, torch.randn(n)
+
+
+def full_scale_integers(m, k, n):
+    """Integer operands at the edges of the int8 range, where 16-bit pair sums saturate."""
+    xq = torch.randint(-127, 128, (m, k)).float()
+    xq[:, :8] = 127.0
+    wq = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    wq[:, :8] = 127
+    return xq, wq
+
+
+def test_fbgemm_path_is_exact_integer_arithmetic():
+    xq, wq = full_scale_integers(33, 96, 40)
+    exact = (xq.double() @ wq.double().t()).float()  # |values| < 2^24: exact in fp32
+    assert torch.equal(fbgemm_int_matmul(xq, wq), exact)
+
+
+def test_single_fbgemm_gemm_saturates_without_the_sign_split():
+    """Why the rows are split by sign: uint8 x int8 pairs saturate at 16 bits on AVX2."""
+    xq, wq = full_scale_integers(33, 96, 40)
+    exact = (xq.double() @ wq.double().t()).float()
+    assert (fbgemm_int_matmul(xq, wq, split_signs=False) - exact).abs().max() > 1000
+
+
+@pytest.mark.parametrize("threshold", [6.0, 0.0])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_cpu_op_matches_reference(threshold, with_bias):
+    x, wq, scale, bias = layer()
+    bias = bias if with_bias else None
+    expected = int8_linear_reference(x, wq, scale, bias, threshold)
+    got = int8_linear(x.reshape(1, 37, 200), wq, scale, bias, threshold, False, "layer")
+    torch.testing.assert_close(got.reshape(37, -1), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_cpu_op_edge_shapes():
+    x, wq, scale, bias = layer(rows=1)
+    torch.testing.assert_close(int8_linear(x, wq, scale, bias, 6.0, False, "l"),
+                               int8_linear_reference(x, wq, scale, bias, 6.0), rtol=1e-5, atol=1e-4)
+    empty = torch.zeros(0, 200)
+    assert int8_linear(empty, wq, scale, bias, 6.0, False, "l").shape == (0, 96)
+    zeros = torch.zeros(3, 200)  # all-zero rows: scale 0, output = bias
+    torch.testing.assert_close(int8_linear(zeros, wq, scale, bias, 6.0, False, "l"), bias.expand(3, -1))
+
+
+def test_reference_is_llm_int8():
+    """The reference against a direct transcription of the paper's formulas in float64."""
+    x, wq, scale, bias = layer()
+    x64, w64 = x.double(), wq.double()
+    outliers = (x64.abs() >= 6.0).any(0)
+    inliers = x64.masked_fill(outliers, 0)
+    a = inliers.abs().amax(1) / 127
+    xq = torch.round(inliers / a[:, None])
+    expected = (xq @ w64.t()) * a[:, None] * scale.double() + x64[:, outliers] @ (w64 * scale.double()[:, None])[:, outliers].t() + bias.double()
+    torch.testing.assert_close(int8_linear_reference(x, wq, scale, bias, 6.0).double(), expected, rtol=1e-5, atol=1e-4)
+    assert 0 < outliers.sum() <= 3
+
+
+def test_statistics_count_int8_values_and_outlier_columns():
+    x, wq, scale, bias = layer()
+    with collect_stats() as stats:
+        int8_linear(x, wq, scale, bias, 6.0, False, "a")
+        int8_linear(x, wq, scale, bias, 0.0, False, "b")
+    assert stats["a"].outlier_columns == {4, 50, 51}
+    assert stats["a"].int8_values == 37 * (200 - 3)
+    assert stats["b"].int8_values == stats["b"].values == 37 * 200
+
+
+def test_fake_implementation_keeps_graphs_traceable():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, wq, scale, bias = layer()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        out = int8_linear(torch.empty(2, 5, 200), wq, scale, bias, 6.0, False, "l")
+    assert out.shape == (2, 5, 96) and out.dtype == torch.float32
+
+    class Quantized(torch.nn.Module):
+        def forward(self, x):
+            return int8_linear(x, wq, scale, bias, 6.0, False, "l")
+
+    program = torch.export.export(Quantized(), (x,))
+    assert "optcc.int8_linear" in str(program.graph)
+
+
+@pytest.mark.parametrize("threshold", [6.0, 0.0])
+def test_triton_kernel_matches_reference(threshold):
+    x, wq, scale, bias = layer()
+    expected = int8_linear_reference(x, wq, scale, bias, threshold)
+    got, outliers = int8_linear_triton(x, wq, scale, bias, threshold, False, **INTERPRETER_BLOCKS)
+    assert int(outliers.sum()) == (3 if threshold else 0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_triton_kernel_accumulates_in_int32():
+    xq, wq = full_scale_integers(40, 256, 48)
+    ones = torch.ones(48)
+    got = int8_matmul(xq.to(torch.int8), wq, torch.ones(40), ones, **INTERPRETER_BLOCKS)
+    assert torch.equal(got, (xq.double() @ wq.double().t()).float())
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_kernel_compiles_for_gpus(arch):
+    constexprs = dict(HAS_BIAS=True, HAS_OUTLIERS=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_O=16)
+    ir = compile_for_target(int8_matmul_kernel, KERNEL_SIGNATURE, constexprs=constexprs, arch=arch)
+    int8_dots = [line for line in ir["ttir"].splitlines() if "tt.dot" in line and "xi8" in line]
+    assert len(int8_dots) == 1 and "xi32>" in int8_dots[0]
+    assert sum("tt.dot" in line for line in ir["ttir"].splitlines()) == 2  # + the outlier dot
+    tensor_core = "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32" if arch == 80 else "wgmma.mma_async"
+    assert tensor_core in ir["ptx"]
+
+
+def test_aot_names_missing_parameters():
+    with pytest.raises(ValueError, match="BLOCK_O"):
+        compile_for_target(int8_matmul_kernel, {k: v for k, v in KERNEL_SIGNATURE.items() if k != "BLOCK_O"})
+
+
+def test_agrees_with_bitsandbytes_linear8bitlt():
+    """bitsandbytes' Linear8bitLt (threshold 6, its CPU build) on a layer with planted outliers.
+
+    Both use bitsandbytes' int8 weight; bitsandbytes computes in fp16 (activations are cast)
+    and its row scale also counts the below-threshold entries of outlier columns, so the
+    two differ by far less than either differs from fp32.
+    """
+    import bitsandbytes as bnb
+
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(256, 128)
+    x = torch.randn(64, 256)
+    x[:, [7, 130]] *= 30
+    int8_layer = bnb.nn.Linear8bitLt(256, 128, has_fp16_weights=False, threshold=6.0)
+    int8_layer.load_state_dict(linear.state_dict())
+    int8_layer = int8_layer.to("cpu")
+    weight = int8_layer.weight
+    scale = (int8_layer.state.SCB if int8_layer.state.SCB is not None else weight.SCB).float() / 127
+    with torch.no_grad():
+        theirs = int8_layer(x).float()
+        ours = int8_linear(x, weight.data.view(torch.int8), scale, linear.bias, 6.0, False, "l")
+        fp32 = linear(x)
+    scale_ref = fp32.abs().max()
+    gap = (ours - theirs).abs().max() / scale_ref
+    assert gap < 2e-3
+    assert (ours - fp32).abs().max() / scale_ref > 2 * gap
