@@ -1,7 +1,7 @@
 """The ``optcc`` command line: list passes, dump graphs, benchmark, and a demo.
 
     optcc passes
-    optcc dump MODEL [--passes a,b] [--after-each] [--format text|dot|svg|html] [--out DIR]
+    optcc dump MODEL [--passes a,b] [--after-each] [--format text|dot|svg|html|triton] [--out DIR]
     optcc bench MODEL [--passes a,b] [--runs N] [--batch N] [--targets eager,optcc-eager]
     optcc export MODEL [--passes a,b] --out model.onnx
     optcc demo
@@ -36,13 +36,13 @@ from torch.utils import _pytree as pytree
 from . import ir
 from .compile import TargetError, default_passes
 from .compile import compile as optcc_compile
-from .dump import dot_available, graph_dot, graph_text, write_dumps
+from .dump import dot_available, graph_dot, graph_text, triton_text, write_dumps
 from .models import SPEC_HELP, ModelSpecError, load_model
 from .onnx_io import OnnxError
 from .pass_base import OptionError, Pass, PassError, UnknownPassError, list_passes, make_pass
 from .pass_manager import PassManager, PassOrderError, output_error
 
-FORMATS = ("text", "dot", "svg", "html")
+FORMATS = ("text", "dot", "svg", "html", "triton")
 
 
 class UsageError(Exception):
@@ -147,7 +147,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
         for i, (name, stage) in enumerate(stages):
             if args.after_each:
                 print(f"{'//' if args.format == 'dot' else '#'} {i:02d} after {name}")
-            print(graph_text(stage) if args.format == "text" else graph_dot(stage, name), end="")
+            render = {"text": graph_text, "triton": triton_text}.get(args.format)
+            print(render(stage) if render else graph_dot(stage, name), end="")
         print(report.render(), file=sys.stderr)
         return 0
 
@@ -270,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help=SPEC_HELP)
     p.add_argument("--passes", help=passes_help)
     p.add_argument("--after-each", action="store_true", help="dump the graph after every pass, not just the final one")
-    p.add_argument("--format", default="text", choices=FORMATS, help="text (default), dot, svg or html")
+    p.add_argument("--format", default="text", choices=FORMATS, help="text (default), dot, svg, html, or triton (the generated kernel of every fused region)")
     p.add_argument("--out", metavar="DIR", help="write files to DIR (NN_stage.ext, or dump.html)")
     p.add_argument("--batch", type=int, help="batch size for demo and timm: models")
     p.set_defaults(func=cmd_dump)

@@ -224,3 +224,9 @@ def test_pt2_with_compiled_code_is_refused(capsys, tmp_path):
     status, _, err = run(capsys, "dump", str(path))
     assert status == 2
     assert "holds code that loading would run" in err and len(err.strip().splitlines()) == 1
+
+
+def test_dump_triton_prints_the_generated_kernels(capsys):
+    status, out, _ = run(capsys, "dump", "demo", "--passes", "bn_reparam,block_fusion", "--format", "triton")
+    assert status == 0
+    assert out.count("# ---- ") >= 1 and "@triton.jit" in out and "tl.store(" in out
