@@ -74,20 +74,23 @@ def compile_for_target(
 _ISOLATED = r"""
 import importlib.util, json, sys
 from optcc.lowering.aot import compile_for_target
-path, name, signature, constexprs, arch = json.loads(sys.argv[1])
-spec = importlib.util.spec_from_file_location("aot_kernel", path)
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-ir = compile_for_target(getattr(module, name), signature, constexprs=constexprs, arch=arch)
-json.dump(ir, sys.stdout)
+results = []
+for i, (path, name, signature, constexprs, arch) in enumerate(json.loads(sys.stdin.read())):
+    spec = importlib.util.spec_from_file_location(f"aot_kernel_{i}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        results.append(compile_for_target(getattr(module, name), signature, constexprs=constexprs, arch=arch))
+    except Exception as exc:
+        results.append({"error": f"{type(exc).__name__}: {exc}"})
+json.dump(results, sys.stdout)
 """
 
 
-def compile_file_for_target(
-    path: str, name: str, signature: dict[str, str], *, constexprs: dict[str, Any] | None = None, arch: int = 90
-) -> dict[str, str]:
-    """:func:`compile_for_target` for kernel ``name`` of the source file ``path``, in a fresh
-    Python process without ``TRITON_INTERPRET``.
+def compile_files_for_targets(jobs: list[tuple[str, str, dict[str, str], dict[str, Any], int]]) -> list[dict[str, str]]:
+    """:func:`compile_for_target` for many ``(path, kernel name, signature, constexprs, arch)``
+    jobs, in one fresh Python process without ``TRITON_INTERPRET``; a job that fails to
+    compile gets ``{"error": message}``.
 
     A process that has run kernels in the interpreter keeps parts of ``triton.language``
     patched for it, and the compiler then fails on plain code; a clean process does not.
@@ -98,8 +101,19 @@ def compile_file_for_target(
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = json.dumps([str(path), name, signature, dict(constexprs or {}), arch])
-    result = subprocess.run([sys.executable, "-c", _ISOLATED, args], env=env, capture_output=True, text=True)
+    payload = json.dumps([[str(path), name, signature, dict(constexprs or {}), arch]
+                          for path, name, signature, constexprs, arch in jobs])
+    result = subprocess.run([sys.executable, "-c", _ISOLATED], input=payload, env=env, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"compiling {name} from {path} for sm_{arch} failed:\n{result.stderr[-4000:]}")
+        raise RuntimeError(f"ahead-of-time compilation failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout)
+
+
+def compile_file_for_target(
+    path: str, name: str, signature: dict[str, str], *, constexprs: dict[str, Any] | None = None, arch: int = 90
+) -> dict[str, str]:
+    """One job of :func:`compile_files_for_targets`; raises if it does not compile."""
+    (ir,) = compile_files_for_targets([(path, name, signature, dict(constexprs or {}), arch)])
+    if "error" in ir:
+        raise RuntimeError(f"compiling {name} from {path} for sm_{arch} failed: {ir['error']}")
+    return ir

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .pointwise import _TRITON_DTYPES, EXPRESSIONS, Unsupported, _literal
+from .pointwise import _TRITON_DTYPES, EXPRESSIONS, Unsupported, _literal, kernel_signature
 
 aten = torch.ops.aten
 MATMULS = (aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default)
@@ -48,6 +48,11 @@ class GemmKernel:
     operands: list[int]  # region-input positions of x, w, bias (bias -1 when absent)
     epilogue_inputs: list[int]  # region-input positions read by the epilogue, in order
     blocks: tuple[int, int, int]
+    signature: dict[str, str]  # Triton types, for ahead-of-time builds
+
+    @property
+    def constexprs(self) -> dict[str, int]:
+        return dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), self.blocks))
 
 
 def _block(size: int, largest: int) -> int:
@@ -176,8 +181,11 @@ def generate_gemm(region: fx.GraphModule, name: str) -> GemmKernel:
         "",
     ])
     operands = [position[x], position[w], position[bias] if bias is not None else -1]
+    pointers = {"x_ptr": xv.dtype, "w_ptr": wv.dtype, "out_ptr": out_dtype,
+                "bias_ptr": bias.meta["val"].dtype if bias is not None else xv.dtype}
+    pointers |= {f"e{i}_ptr": e.meta["val"].dtype for i, e in enumerate(epilogue_inputs)}
     return GemmKernel(name, source, str(anchor.target), out_shape, out_dtype, m, n, k, batch, operands,
-                      [position[e] for e in epilogue_inputs], blocks)
+                      [position[e] for e in epilogue_inputs], blocks, kernel_signature(source, pointers))
 
 
 def row_strides(t: torch.Tensor, rank_rows: int, batched: bool) -> list[int]:

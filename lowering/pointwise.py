@@ -124,7 +124,11 @@ class PointwiseKernel:
     inputs: list[int]  # which region inputs are tensors (by position)
     outputs: list[torch.dtype]
     block: int = 1024
-    comment: list[str] = field(default_factory=list)
+    signature: dict[str, str] = field(default_factory=dict)  # Triton types, for ahead-of-time builds
+
+    @property
+    def constexprs(self) -> dict[str, int]:
+        return {"BLOCK": self.block}
 
 
 def _literal(value: Any) -> str:
@@ -135,6 +139,28 @@ def _literal(value: Any) -> str:
     if value is None:
         return "None"
     raise Unsupported(f"argument {value!r} of type {type(value).__name__}")
+
+
+_POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64",
+                  torch.bool: "*i1", torch.int32: "*i32", torch.int64: "*i64", torch.int8: "*i8", torch.uint8: "*u8"}
+
+
+def kernel_signature(source: str, pointers: dict[str, torch.dtype]) -> dict[str, str]:
+    """The Triton signature of the generated kernel in ``source``: the named pointers with
+    their element types, every other parameter a 32-bit integer, the constexprs marked."""
+    import re
+
+    params = re.search(r"def \w+\((.*)\):", source).group(1).split(", ")
+    signature = {}
+    for param in params:
+        name = param.split(":")[0]
+        if param.endswith("tl.constexpr"):
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = _POINTER_TYPES[pointers[name]]
+        else:
+            signature[name] = "i32"
+    return signature
 
 
 _TRITON_DTYPES = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
@@ -195,7 +221,7 @@ def generate_pointwise(region: fx.GraphModule, name: str) -> PointwiseKernel:
         var = f"v_{node.name}"
         expression = EXPRESSIONS[node.target](args, kwargs)
         if node.meta["val"].dtype == torch.bool:
-            expression = f"tl.where({expression}, 1.0, 0.0)"
+            expression = f"tl.where(({expression}) != 0, 1.0, 0.0)"
         body.append(f"{var} = {expression}")
         values[node] = var
     for j, node in enumerate(results):
@@ -217,5 +243,7 @@ def generate_pointwise(region: fx.GraphModule, name: str) -> PointwiseKernel:
         *[f"    {line}" for line in body],
         "",
     ])
+    pointers = {f"in{k}_ptr": p.meta["val"].dtype for k, p in enumerate(placeholders)}
+    pointers |= {f"out{j}_ptr": r.meta["val"].dtype for j, r in enumerate(results)}
     return PointwiseKernel(name, source, shape, list(range(len(placeholders))),
-                           [n.meta["val"].dtype for n in results])
+                           [n.meta["val"].dtype for n in results], signature=kernel_signature(source, pointers))

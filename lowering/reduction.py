@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from dataclasses import dataclass
 
-from .pointwise import _TRITON_DTYPES, EXPRESSIONS, Unsupported, _literal
+from .pointwise import _TRITON_DTYPES, EXPRESSIONS, Unsupported, _literal, kernel_signature
 
 aten = torch.ops.aten
 
@@ -43,6 +43,11 @@ class ReductionKernel:
     output_shapes: list[tuple[int, ...]]
     outputs: list[torch.dtype]
     block: int  # BLOCK_N, N rounded up to a power of two
+    signature: dict[str, str]  # Triton types, for ahead-of-time builds
+
+    @property
+    def constexprs(self) -> dict[str, int]:
+        return {"BLOCK_N": self.block}
 
 
 def _masked(value: str, neutral: str) -> str:
@@ -148,7 +153,7 @@ def generate_reduction(region: fx.GraphModule, name: str) -> ReductionKernel:
                       for k, v in node.kwargs.items()}
             expression = EXPRESSIONS[node.target](args, kwargs)
             if node.meta["val"].dtype == torch.bool:
-                expression = f"tl.where({expression}, 1.0, 0.0)"
+                expression = f"tl.where(({expression}) != 0, 1.0, 0.0)"
         body.append(f"v_{node.name} = {expression}")
         values[node] = f"v_{node.name}"
     for j, node in enumerate(results):
@@ -175,8 +180,11 @@ def generate_reduction(region: fx.GraphModule, name: str) -> ReductionKernel:
         *[f"    {line}" for line in body],
         "",
     ])
+    pointers = {f"in{k}_ptr": p.meta["val"].dtype for k, p in enumerate(placeholders)}
+    pointers |= {f"out{j}_ptr": r.meta["val"].dtype for j, r in enumerate(results)}
     return ReductionKernel(name, source, row_shape, [tuple(r.meta["val"].shape) for r in results],
-                           [r.meta["val"].dtype for r in results], block=1 << max(0, (n - 1).bit_length()))
+                           [r.meta["val"].dtype for r in results], block=1 << max(0, (n - 1).bit_length()),
+                           signature=kernel_signature(source, pointers))
 
 
 def _is_vector(node: fx.Node, anchor: fx.Node) -> bool:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import re
 
 import pytest
 import torch
@@ -12,9 +11,8 @@ import torch.nn.functional as F
 from helpers import run_pipeline
 
 from optcc import lowering
-from optcc.lowering.aot import DEFAULT_ARCHS, compile_file_for_target
 from optcc.lowering.cache import source_path, write_source
-from optcc.lowering.pointwise import EXPRESSIONS, generate_pointwise
+from optcc.lowering.pointwise import EXPRESSIONS
 from optcc.lowering.runtime import PointwiseLaunch, lower_regions
 from optcc.regions import region_module, regions
 
@@ -58,7 +56,7 @@ def _lowered(fn, *inputs):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("size", [1, 7, 127, 1000])
+@pytest.mark.parametrize("size", [1, 1500])  # one element; two blocks of 1024 with a ragged tail
 def test_pointwise_kernels_match_reference(case, size):
     x, y = torch.randn(size), torch.randn(size)
     gm, lowered, left = _lowered(CASES[case], x, y)
@@ -93,27 +91,6 @@ def test_half_precision_computes_in_float32():
     (got,) = lowered(x, y)
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.float(), expected, rtol=2e-3, atol=2e-3)
-
-
-def _signature(plan, dtype="fp32"):
-    names = re.search(r"def \w+\((.*), BLOCK: tl.constexpr\)", plan.source).group(1).split(", ")
-    signature = {n: (f"*{dtype}" if n.endswith("_ptr") else "i64") for n in names}
-    signature["BLOCK"] = "constexpr"
-    return signature
-
-
-@pytest.mark.parametrize("arch", DEFAULT_ARCHS)
-def test_generated_kernel_builds_for_gpus(arch):
-    x, y = torch.randn(64), torch.randn(64)
-    gm, _, _ = run_pipeline(Chain(CASES["relu_gelu"]).eval(), (x, y), [REGIONS])
-    (node,) = regions(gm)
-    plan = generate_pointwise(region_module(gm, node), "relu_gelu_kernel")
-    path = write_source(plan.name, plan.source)
-    ir = compile_file_for_target(path, plan.name, _signature(plan), constexprs={"BLOCK": plan.block}, arch=arch)
-    ttir = ir["ttir"]
-    assert ttir.count("tt.load") == 2  # one load per input
-    assert ttir.count("tt.store") == 1  # one store per output, no intermediates
-    assert ".target sm_" + str(arch) in ir["ptx"]
 
 
 def test_triton_target_without_gpu_or_interpreter_is_a_clear_error(monkeypatch):

@@ -3,7 +3,6 @@ interpreter against their reference subgraphs, and ahead-of-time builds."""
 
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
@@ -58,7 +57,7 @@ def _lower(case, x, y):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("n", [1, 7, 127, 1000])
+@pytest.mark.parametrize("n", [1, 127, 1000])  # one lane; ragged rows below a power of two
 def test_reduction_kernels_match_reference(case, n):
     x, y = torch.randn(3, 2, n), torch.randn(3, 2, n)
     gm, lowered = _lower(case, x, y)
@@ -91,10 +90,8 @@ def test_reduction_kernel_builds_for_gpus(arch):
     gm, _, _ = run_pipeline(Net(CASES["add_layer_norm"], 384).eval(), (x, y), [REGIONS])
     (node,) = [n for n in regions(gm) if n.meta[REGION_KEY].kind == "reduction"]
     plan = generate_reduction(region_module(gm, node), "add_layer_norm_kernel")
-    names = re.search(r"def \w+\((.*), BLOCK_N: tl.constexpr\)", plan.source).group(1).split(", ")
-    signature = {name: ("*fp32" if name.endswith("_ptr") else "i32") for name in names} | {"BLOCK_N": "constexpr"}
-    ir = compile_file_for_target(write_source(plan.name, plan.source), plan.name, signature,
-                                 constexprs={"BLOCK_N": plan.block}, arch=arch)
+    ir = compile_file_for_target(write_source(plan.name, plan.source), plan.name, plan.signature,
+                                 constexprs=plan.constexprs, arch=arch)
     ttir = ir["ttir"]
     assert ttir.count("tt.load") == 4  # x, y, weight, bias: once each
     assert ttir.count("tt.store") == 2  # the sum and the norm, nothing else
