@@ -174,6 +174,11 @@ class RunningStatistics:
         return not all(torch.equal(torch.cat(group), saved) for group, saved in self.groups)
 
 
+def _counts_its_updates(module: torch.nn.Module) -> bool:
+    counter = module._buffers.get("num_batches_tracked")
+    return isinstance(counter, torch.Tensor)
+
+
 class StateGuard:
     """Notices when a model's weights are replaced or updated in place, or a mode flips.
 
@@ -203,7 +208,11 @@ class StateGuard:
         self.versions = list(map(_VERSION, self.tensors))
         self.pointers = list(map(_DATA_PTR, self.tensors))
         self.modes = list(map(_TRAINING, self.modules))
-        self.statistics = RunningStatistics([b for m in self.modules for b in m._buffers.values() if b is not None])
+        # A BatchNorm step in training bumps the version of num_batches_tracked (a Python
+        # add_), which the version check sees; only buffers of modules without such a
+        # counter need their values compared on every call.
+        self.statistics = RunningStatistics([b for m in self.modules if not _counts_its_updates(m)
+                                             for b in m._buffers.values() if b is not None])
 
     def changed(self) -> bool:
         # map() with C-level getters: about half the cost of the equivalent comprehensions

@@ -55,5 +55,5 @@ def pytest_terminal_summary(terminalreporter):
         stats = fuzz.STATS
         terminalreporter.write_line(
             f"optcc fuzz: {stats.examples} random models, {stats.pass_runs} pass pipelines compared "
-            f"with eager ({stats.cpu_seconds:.0f} CPU s)"
+            f"with eager, {stats.triton_runs} of them also as Triton kernels ({stats.cpu_seconds:.0f} CPU s)"
         )

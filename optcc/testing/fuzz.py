@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 import time
 import traceback
@@ -639,6 +640,7 @@ class FuzzStats:
 
     examples: int = 0
     pass_runs: int = 0
+    triton_runs: int = 0  # models whose default-pipeline graph also ran as Triton kernels
     seconds: float = 0.0
     cpu_seconds: float = 0.0
     blocks: dict[str, int] = field(default_factory=dict)
@@ -659,13 +661,15 @@ class FuzzStats:
         with self.lock:
             self.examples += other["examples"]
             self.pass_runs += other["pass_runs"]
+            self.triton_runs += other.get("triton_runs", 0)
             self.seconds += other["seconds"]
             self.cpu_seconds += other["cpu_seconds"]
             for name, n in other["blocks"].items():
                 self.blocks[name] = self.blocks.get(name, 0) + n
 
     def as_dict(self) -> dict:
-        return {"examples": self.examples, "pass_runs": self.pass_runs, "seconds": self.seconds,
+        return {"examples": self.examples, "pass_runs": self.pass_runs, "triton_runs": self.triton_runs,
+                "seconds": self.seconds,
                 "cpu_seconds": self.cpu_seconds, "blocks": dict(self.blocks)}
 
 
@@ -702,7 +706,26 @@ def cheaper_captures():
         exported_program._collect_all_valid_cia_ops = original
 
 
-def differential_check(model: nn.Module, inputs: tuple, tolerance: float = 1e-5) -> tuple[list[str], int]:
+TRITON_EVERY = 5
+
+
+def _triton_problem(gm, inputs: tuple, expected: list, tolerance: float) -> str | None:
+    """The default pipeline's graph with every region lowered to its generated Triton
+    kernel (run in the interpreter when ``TRITON_INTERPRET=1``) must match eager too."""
+    from optcc.lowering.runtime import lower_regions
+
+    try:
+        lowered, _ = lower_regions(gm)
+        error = output_error(expected, list(lowered(*inputs)))
+    except Exception as exc:  # a generator or a kernel that fails is a finding
+        return f"target triton raised {type(exc).__name__}: {exc}"
+    if error > tolerance:
+        return f"target triton: outputs differ from eager by {error:.3g} (relative; tolerance {tolerance:g})"
+    return None
+
+
+def differential_check(model: nn.Module, inputs: tuple, tolerance: float = 1e-5,
+                       triton: bool = False) -> tuple[list[str], int]:
     """Run each exact pass alone, and the default pipeline, against eager; return (problems, runs).
 
     The passes come from the registry on every call, so a pass registered later is
@@ -737,6 +760,10 @@ def differential_check(model: nn.Module, inputs: tuple, tolerance: float = 1e-5)
                 applied = [r.name for r in report.records if r.status == "applied"]
                 problems.append(f"{label}: outputs differ from eager by {error:.3g} (relative; "
                                 f"tolerance {tolerance:g}); applied: {applied}")
+            if triton and label == pipelines[-1][0]:
+                problem = _triton_problem(gm, inputs, expected, tolerance)
+                if problem:
+                    problems.append(problem)
         error = output_error(baseline, list(captured(*inputs)))
         if error != 0.0:
             problems.append(f"a pass changed a constant shared with the captured graph (outputs moved by {error:.3g})")
@@ -747,8 +774,13 @@ def check_spec(spec: ModelSpec, stats: FuzzStats | None = None) -> None:
     """Build ``spec``'s model and assert that every exact pass reproduces eager on it."""
     start, cpu_start = time.perf_counter(), time.process_time()
     model, inputs = build_model(spec)
-    problems, runs = differential_check(model, inputs)
-    (stats or STATS).count(spec, runs, time.perf_counter() - start, time.process_time() - cpu_start)
+    stats = stats or STATS
+    # Every TRITON_EVERY-th model also runs the default pipeline's graph as generated
+    # Triton kernels (in the interpreter: slow, so not every model).
+    triton = os.environ.get("TRITON_INTERPRET") == "1" and stats.examples % TRITON_EVERY == 0
+    problems, runs = differential_check(model, inputs, triton=triton)
+    stats.triton_runs += triton
+    stats.count(spec, runs, time.perf_counter() - start, time.process_time() - cpu_start)
     assert not problems, f"{spec!r}\n" + "\n".join(problems)
 
 
