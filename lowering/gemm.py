@@ -49,6 +49,7 @@ class GemmKernel:
     epilogue_inputs: list[int]  # region-input positions read by the epilogue, in order
     blocks: tuple[int, int, int]
     signature: dict[str, str]  # Triton types, for ahead-of-time builds
+    out_stride: tuple[int, ...]  # the reference result's layout
 
     @property
     def constexprs(self) -> dict[str, int]:
@@ -185,7 +186,8 @@ def generate_gemm(region: fx.GraphModule, name: str) -> GemmKernel:
                 "bias_ptr": bias.meta["val"].dtype if bias is not None else xv.dtype}
     pointers |= {f"e{i}_ptr": e.meta["val"].dtype for i, e in enumerate(epilogue_inputs)}
     return GemmKernel(name, source, str(anchor.target), out_shape, out_dtype, m, n, k, batch, operands,
-                      [position[e] for e in epilogue_inputs], blocks, kernel_signature(source, pointers))
+                      [position[e] for e in epilogue_inputs], blocks, kernel_signature(source, pointers),
+                      tuple(result.meta["val"].stride()))
 
 
 def row_strides(t: torch.Tensor, rank_rows: int, batched: bool) -> list[int]:

@@ -125,6 +125,7 @@ class PointwiseKernel:
     outputs: list[torch.dtype]
     block: int = 1024
     signature: dict[str, str] = field(default_factory=dict)  # Triton types, for ahead-of-time builds
+    strides: list[tuple[int, ...]] = field(default_factory=list)  # the reference results' layouts
 
     @property
     def constexprs(self) -> dict[str, int]:
@@ -246,4 +247,5 @@ def generate_pointwise(region: fx.GraphModule, name: str) -> PointwiseKernel:
     pointers = {f"in{k}_ptr": p.meta["val"].dtype for k, p in enumerate(placeholders)}
     pointers |= {f"out{j}_ptr": r.meta["val"].dtype for j, r in enumerate(results)}
     return PointwiseKernel(name, source, shape, list(range(len(placeholders))),
-                           [n.meta["val"].dtype for n in results], signature=kernel_signature(source, pointers))
+                           [n.meta["val"].dtype for n in results], signature=kernel_signature(source, pointers),
+                           strides=[tuple(n.meta["val"].stride()) for n in results])

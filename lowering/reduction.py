@@ -44,6 +44,7 @@ class ReductionKernel:
     outputs: list[torch.dtype]
     block: int  # BLOCK_N, N rounded up to a power of two
     signature: dict[str, str]  # Triton types, for ahead-of-time builds
+    output_strides: list[tuple[int, ...]]  # the reference results' layouts
 
     @property
     def constexprs(self) -> dict[str, int]:
@@ -184,7 +185,8 @@ def generate_reduction(region: fx.GraphModule, name: str) -> ReductionKernel:
     pointers |= {f"out{j}_ptr": r.meta["val"].dtype for j, r in enumerate(results)}
     return ReductionKernel(name, source, row_shape, [tuple(r.meta["val"].shape) for r in results],
                            [r.meta["val"].dtype for r in results], block=1 << max(0, (n - 1).bit_length()),
-                           signature=kernel_signature(source, pointers))
+                           signature=kernel_signature(source, pointers),
+                           output_strides=[tuple(r.meta["val"].stride()) for r in results])
 
 
 def _is_vector(node: fx.Node, anchor: fx.Node) -> bool:

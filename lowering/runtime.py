@@ -35,7 +35,9 @@ class PointwiseLaunch(torch.nn.Module):
         shape = self.plan.shape
         device = inputs[0].device
         expanded = [x.expand(shape) for x in inputs]
-        outputs = [torch.empty(shape, dtype=dtype, device=device) for dtype in self.plan.outputs]
+        # results laid out as the reference's: later views in the graph depend on it
+        outputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                   for dtype, stride in zip(self.plan.outputs, self.plan.strides)]
         numel = max(1, torch.Size(shape).numel())
         strides = [s for t in expanded + outputs for s in (t.stride() if shape else ())]
         grid = (triton.cdiv(numel, self.plan.block),)
@@ -53,7 +55,8 @@ class ReductionLaunch(torch.nn.Module):
         plan = self.plan
         device = inputs[0].device
         expanded = [x.expand(plan.row_shape) for x in inputs]
-        outputs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in zip(plan.output_shapes, plan.outputs)]
+        outputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device)
+                   for shape, stride, dtype in zip(plan.output_shapes, plan.output_strides, plan.outputs)]
         rank = len(plan.row_shape)
         # a result reduced without keepdim is addressed as [*R, 1]
         strides = [s for t in expanded + outputs for s in (t if t.dim() == rank else t.unsqueeze(-1)).stride()]
@@ -75,7 +78,7 @@ class GemmLaunch(torch.nn.Module):
         rows = len(plan.out_shape) - (2 if batched else 1)
         x, w = inputs[plan.operands[0]], inputs[plan.operands[1]]
         bias = inputs[plan.operands[2]] if plan.operands[2] >= 0 else x
-        out = torch.empty(plan.out_shape, dtype=plan.out_dtype, device=x.device)
+        out = torch.empty_strided(plan.out_shape, plan.out_stride, dtype=plan.out_dtype, device=x.device)
         epilogue = [inputs[i].expand(plan.out_shape) for i in plan.epilogue_inputs]
         row_sizes = plan.out_shape[1:-1] if batched else plan.out_shape[:-1]
         if plan.kind == "aten.linear.default":
@@ -136,6 +139,15 @@ GENERATORS = {
 }
 
 
+def attention_like_reference(stride: tuple[int, ...], *args, **kwargs) -> torch.Tensor:
+    """The flash attention kernel, its result laid out as torch's SDPA lays out its own
+    (later views in the graph were traced against that layout)."""
+    out = flash_attention(*args, **kwargs)
+    if out.stride() == tuple(stride):
+        return out
+    return torch.empty_strided(out.shape, stride, dtype=out.dtype, device=out.device).copy_(out)
+
+
 def _attention_kernel_refusal(node: fx.Node) -> str | None:
     """Why the hand-written flash attention kernel cannot take this SDPA node (or None)."""
     q, k, v = (a.meta.get("val") for a in node.args[:3])
@@ -176,7 +188,8 @@ def lower_regions(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, str]]:
         if node.target is torch.ops.aten.scaled_dot_product_attention.default:
             refusal = _attention_kernel_refusal(node)
             if refusal is None:
-                node.target = flash_attention
+                node.args = (tuple(node.meta["val"].stride()), *node.args)
+                node.target = attention_like_reference
             else:
                 left[node.name] = refusal
     lowered.recompile()

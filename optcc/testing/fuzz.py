@@ -706,7 +706,7 @@ def cheaper_captures():
         exported_program._collect_all_valid_cia_ops = original
 
 
-TRITON_EVERY = 5
+TRITON_EVERY = 10
 
 
 def _triton_problem(gm, inputs: tuple, expected: list, tolerance: float) -> str | None:
