@@ -252,12 +252,10 @@ with open(sys.argv[2], "w") as file:
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def _aot_build_process(request, tmp_path_factory):
-    """Start the ahead-of-time builds with the module, so they run beside the interpreter tests."""
-    if not any(item.name.startswith("test_builds_for_gpus") for item in request.session.items):
-        yield None
-        return
+    """The ahead-of-time builds, in a clean process started by the first test that needs them
+    (not in the background of other tests: nothing of it outlives this module's tests)."""
     result_path = tmp_path_factory.mktemp("flash_attention_aot") / "builds.json"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     process = subprocess.Popen([sys.executable, "-c", _AOT_SCRIPT, json.dumps(AOT_VARIANTS), str(result_path)],
