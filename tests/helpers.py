@@ -48,3 +48,17 @@ def randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
 
 def count(gm, op: str) -> int:
     return optcc.op_counts(gm).get(op, 0)
+
+
+class SmallConvBN(torch.nn.Module):
+    """conv -> BN -> relu -> pool -> linear: the small model the guard, shape, thread and
+    backend tests share (one BN to fold, weights to change)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.bn(self.conv(x)).relu().mean((2, 3)))

@@ -9,6 +9,7 @@ import gc
 import pytest
 import torch
 import torch.nn as nn
+from helpers import SmallConvBN as ConvBN
 from test_capture import MODELS, build, main_output, randomize_bn
 
 import optcc
@@ -85,15 +86,6 @@ def test_new_batch_size_and_in_place_weight_update_on_repvgg():
 # Mechanics on a small conv+BN model (fast)
 
 
-class ConvBN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.head(self.bn(self.conv(x)).relu().mean((2, 3)))
 
 
 def small():

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-import torch.nn as nn
+from helpers import SmallConvBN as ConvNet
 from helpers import randomize_bn
 
 import optcc
@@ -18,15 +18,6 @@ THREADS = 4
 CALLS = 3
 
 
-class ConvNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.head(self.bn(self.conv(x)).relu().mean((2, 3)))
 
 
 def run_in_threads(fn, inputs: list) -> list:

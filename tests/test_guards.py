@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from helpers import SmallConvBN as Net
 from helpers import randomize_bn
 
 import optcc
@@ -17,15 +18,6 @@ from optcc.pass_manager import output_error
 ENTRY_POINTS = ["optcc.compile", "torch.compile"]
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.head(self.bn(self.conv(x)).relu().mean((2, 3)))
 
 
 def make_net() -> Net:

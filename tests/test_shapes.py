@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
+from helpers import SmallConvBN as ConvNet
 from helpers import randomize_bn
 
 import optcc
@@ -57,15 +57,6 @@ def test_bert_new_sequence_length_with_torch_compile():
         assert bert_error(model, compiled, bert_inputs(batch, length)) <= 1e-5
 
 
-class ConvNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.head(self.bn(self.conv(x)).relu().mean((2, 3)))
 
 
 @pytest.mark.parametrize("entry", ["optcc.compile", "torch.compile"])
