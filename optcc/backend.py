@@ -7,7 +7,9 @@ as ``optcc.compile`` and runs the same pass pipeline, so a pass is written once.
 
 Options (all optional): ``passes`` (as for ``optcc.compile``), ``target`` (default
 ``"eager"``: dynamo already removed the Python overhead, and ``"inductor"`` compiles the
-rewritten graph with TorchInductor), ``verify``, ``tolerance``, ``fail_fast``.
+rewritten graph with TorchInductor), ``verify``, ``tolerance``, ``fail_fast``, ``guard``
+(default True; False skips the per-call check of the frozen weights described below,
+as ``optcc.compile(..., guard=False)`` does).
 
 Dynamo does not guard on the values of parameters, so the backend does: a frozen tensor
 that was replaced, updated in place or given new storage since the graph was built, or
@@ -33,7 +35,7 @@ from .compile import (BUILD_LOCK, Pipeline, RunningStatistics, Specialization, T
 from .pass_base import make_pass
 from .report import Report
 
-_OPTION_NAMES = {"passes", "target", "verify", "tolerance", "fail_fast"}
+_OPTION_NAMES = {"passes", "target", "verify", "tolerance", "fail_fast", "guard"}
 
 # What dynamo got back from this backend, while dynamo still holds it. Dynamo hides the
 # callable a backend returns inside its code cache; this is how a user (or a test) can
@@ -75,9 +77,10 @@ class _CompiledDynamoGraph:
     symbolic (dynamic shapes); dynamo calls the result right after compiling anyway.
     """
 
-    def __init__(self, gm: fx.GraphModule, pipeline: Pipeline):
+    def __init__(self, gm: fx.GraphModule, pipeline: Pipeline, guard: bool = True):
         self.gm = gm
         self.pipeline = pipeline
+        self.guard = guard
         self.frozen: list[int] | None = None
         self.versions: list[tuple[int, int, int]] = []
         self.statistics: RunningStatistics | None = None
@@ -107,12 +110,13 @@ class _CompiledDynamoGraph:
                     frozen_positions = set(frozen)
                     self.user_positions = [i for i in range(len(inputs)) if i not in frozen_positions]
                     self.frozen = frozen
-        state = self._model_state(inputs)
         user = [inputs[i] for i in self.user_positions]
         key = signature_of(user)
-        entry = self.pipeline.cache.get(key) if self._same_state(state) else None
+        unchanged = self._same_state(self._model_state(inputs)) if self.guard else self.statistics is not None
+        entry = self.pipeline.cache.get(key) if unchanged else None
         if entry is None:
             with BUILD_LOCK:  # one build at a time; a thread that waited finds the others' work
+                state = self._model_state(inputs)
                 if not self._same_state(state):  # weights replaced or updated: folded copies are stale
                     self.pipeline.cache.clear()
                     self.versions = state
@@ -158,4 +162,4 @@ def optcc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
         tolerance=options.get("tolerance"),
         fail_fast=bool(options.get("fail_fast", False)),
     )
-    return _CompiledDynamoGraph(gm, pipeline)
+    return _CompiledDynamoGraph(gm, pipeline, guard=bool(options.get("guard", True)))

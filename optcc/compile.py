@@ -238,10 +238,10 @@ class OptimizedModule(torch.nn.Module):
     the module runs the original model eagerly).
     """
 
-    def __init__(self, model: torch.nn.Module | ExportedProgram, pipeline: Pipeline):
+    def __init__(self, model: torch.nn.Module | ExportedProgram, pipeline: Pipeline, guard: bool = True):
         super().__init__()
         self.__dict__["_model"] = model  # not a submodule: its weights are not ours to own
-        self.__dict__["_guard"] = StateGuard(model)
+        self.__dict__["_guard"] = StateGuard(model) if guard else None
         self.pipeline = pipeline
         self._latest: Specialization | None = None
 
@@ -257,17 +257,31 @@ class OptimizedModule(torch.nn.Module):
     def compile_seconds(self) -> float:
         return self._latest.compile_seconds if self._latest else 0.0
 
+    def refresh(self) -> None:
+        """Forget every specialisation: the next call captures the model as it is now.
+
+        Needed only with ``guard=False`` after changing the model on purpose; with the
+        guard on, changes are noticed on the next call anyway.
+        """
+        with BUILD_LOCK:
+            self.pipeline.cache.clear()
+            if self._guard is not None:
+                self._guard.snapshot()
+
+    def _model_changed(self) -> bool:
+        return self._guard is not None and self._guard.changed()
+
     def specialize(self, args: tuple, kwargs: dict) -> Specialization:
         flat, _ = pytree.tree_flatten((args, kwargs))
         sig = signature_of(flat)
         # The common case takes no lock: the weights are unchanged and the signature known.
-        if not self._guard.changed():
+        if not self._model_changed():
             entry = self.pipeline.cache.get(sig)
             if entry is not None:
                 self._latest = entry
                 return entry
         with BUILD_LOCK:  # one build at a time; a thread that waited finds the others' work
-            if self._guard.changed():
+            if self._model_changed():
                 log.info("optcc: the model's weights or mode changed; recompiling")
                 self.pipeline.cache.clear()
                 self._guard.snapshot()
@@ -335,6 +349,7 @@ def compile(
     tolerance: float | None = None,
     fail_fast: bool = False,
     dump_after_each: bool = False,
+    guard: bool = True,
 ) -> OptimizedModule:
     """Optimize ``model`` with ``passes`` and return a module that runs the result.
 
@@ -343,12 +358,17 @@ def compile(
     ``verify=True`` checks each pass on ``example_inputs`` and rolls back an exact pass
     that changes the outputs by more than ``tolerance`` (default 1e-5 relative in fp32).
     ``fail_fast=True`` makes a failing pass or capture an error instead of a warning.
+    ``guard=False`` promises that the model will not change after this call (no weight
+    updates, replaced layers or train/eval switch): the per-call check of its state,
+    which walks every parameter, buffer and submodule, is skipped and folded weights go
+    stale if the promise is broken - the contract of timm's ``reparameterize_model`` or
+    Inductor's ``freezing``. ``compiled.refresh()`` rebuilds after a deliberate change.
     The model is compiled now, on ``example_inputs``, so errors surface here.
     """
     pass_list = default_passes() if passes is None else [make_pass(p) for p in passes]
     pipeline = Pipeline(pass_list, resolve_target(target), verify=verify, tolerance=tolerance,
                         fail_fast=fail_fast, dump_after_each=dump_after_each)
-    compiled = OptimizedModule(model, pipeline)
+    compiled = OptimizedModule(model, pipeline, guard=guard)
     args = ir._normalize_inputs(example_inputs) if example_inputs is not None else ()
     if isinstance(model, ExportedProgram) and example_inputs is None:
         args, example_kwargs = ir.example_inputs_of(model)

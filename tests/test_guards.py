@@ -135,3 +135,27 @@ def test_unchanged_model_reuses_its_specialisation():
     for _ in range(3):
         compiled(x)
     assert compiled.graph_module is first and len(compiled.pipeline.cache) == 1
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_unguarded_module_keeps_its_build_until_refreshed(entry):
+    """guard=False is a promise that the model will not change: the check is skipped.
+
+    The stale output after a change is the documented contract (as with timm's
+    reparameterize_model); refresh() (or, inside torch.compile, a new input signature)
+    rebuilds from the model as it is now.
+    """
+    model, x = make_net(), torch.randn(2, 3, 8, 8)
+    if entry == "optcc.compile":
+        compiled = optcc.compile(model, ["bn_reparam"], example_inputs=(x,), target="eager", guard=False)
+    else:
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="optcc", options={"passes": ["bn_reparam"], "guard": False})
+    with torch.no_grad():
+        before = compiled(x)
+        _in_place_weight(model)
+        assert output_error([before], [model(x)]) > 1e-3
+        assert torch.equal(compiled(x), before)  # not checked, so not rebuilt
+    if entry == "optcc.compile":
+        compiled.refresh()
+        assert_matches(compiled, model, x)
