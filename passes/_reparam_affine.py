@@ -27,6 +27,11 @@ dimension ends the chain (the constant would no longer be per channel).
     ``s = gamma / sqrt(var + eps)``, ``t = beta - s * mu`` on its dim 1, folded as above
     when dim 1 of the BN input is the op's channel (after ``op``) or input feature
     (before a linear / unpadded conv). Chains of length 0 belong to ``conv_bn`` etc.
+    After ``op``, a reshape may also split op's channels into BN channels times other
+    dims (RepMLP's ``fc3 -> reshape(-1, S, h, w) -> BatchNorm2d(S)``): each BN channel
+    then covers a block of op's channels, ``s`` and ``t`` are written out at the BN input's
+    shape, carried back through the inverse views and folded when they vary along op's
+    channel dim only (``s_f = s_{c(f)}``).
 
 ``rep_bn``  SLAB's RepBN ``BN(x) + alpha * x`` where BN runs on a permuted/reshaped view
     of ``x`` (``x.transpose(1, 2) -> BatchNorm1d -> transpose(1, 2)`` on ``[B, N, C]``
@@ -42,6 +47,7 @@ float64 and cast back to the weight's dtype.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -170,7 +176,7 @@ def _map_dim(node: fx.Node, d: int | None, upward: bool) -> int | None | str:
         acc *= n
         if acc > before:
             break
-    return "a reshape splits or merges the channel dimension"
+    return SPLITS_CHANNELS
 
 
 def _channel_dim(op: fx.Node, *, output: bool) -> int | None:
@@ -411,6 +417,8 @@ class TokenBatchNorm(Rule):
             return NOT_ANCHOR
         # after a conv/linear
         up = _trace_up(inp, 1) if len(inp.users) == 1 else None
+        if up == SPLITS_CHANNELS:
+            return self._match_after_split(gm, node, out, inp)
         if up is not None and not isinstance(up, str) and up[2] and _is_op(up[0]):
             op, d, _ = up
             reason = _check_producer(gm, op, d)
@@ -437,6 +445,23 @@ class TokenBatchNorm(Rule):
             return NoMatch(reason)
         return NOT_ANCHOR
 
+    def _match_after_split(self, gm, node, out, inp):
+        """BN channels that are blocks of the producer's channels (RepMLP's ``fc3_bn``)."""
+        op, _, chain = _trace_up(inp, None)
+        if not chain or not _is_op(op):
+            return NoMatch(SPLITS_CHANNELS)
+        reason = _check_producer(gm, op, None)
+        if reason:
+            return NoMatch(reason)
+        affine = bn_affine(gm, node)
+        if isinstance(affine, str):
+            return NoMatch(affine)
+        per_channel = [_per_channel_through_views(chain, v, _shape(inp), op) for v in affine]
+        for p in per_channel:
+            if isinstance(p, str):
+                return NoMatch(p)
+        return Match(nodes={"bn": node, "out": out, "op": op}, values={"after": True, "st": tuple(per_channel)})
+
     def rewrite(self, gm, m):
         s, t = m.values["st"]
         (_fold_after if m.values["after"] else _fold_before)(gm, m.nodes["op"], s, t)
@@ -449,6 +474,36 @@ class TokenBatchNorm(Rule):
         source, end, ups = _widen(inp, inp)
         if ups:
             end.replace_all_uses_with(source)
+
+
+SPLITS_CHANNELS = "a reshape splits or merges the channel dimension"
+MAX_PROBE_ELEMENTS = 1 << 24
+
+
+def _per_channel_through_views(chain: list[fx.Node], v: torch.Tensor, shape, op: fx.Node) -> torch.Tensor | str:
+    """``v`` (one value per dim 1 of ``shape``) seen from ``op``'s output through ``chain``.
+
+    The views may split a channel of ``op`` into several dimensions (``[N, S*h*w, 1, 1] ->
+    [N, S, h, w]``), so the constant is written out at full size, carried back through the
+    inverse of each view, and must then vary along ``op``'s channel dimension only.
+    """
+    if shape is None or math.prod(shape) > MAX_PROBE_ELEMENTS:
+        return "the tensor is too large to follow the channels through its reshapes"
+    full = v.reshape([-1 if d == 1 else 1 for d in range(len(shape))]).expand(shape)
+    for node in chain:  # from the BN input up to the op's output
+        if node.target in PERMUTES:
+            rank = full.dim()
+            if node.target is aten.transpose.int:
+                full = full.transpose(node.args[1] % rank, node.args[2] % rank)
+            else:
+                full = full.permute([[p % rank for p in node.args[1]].index(d) for d in range(rank)])
+        else:
+            full = full.reshape(_shape(node.args[0]))
+    d = _channel_dim(op, output=True)
+    rows = full.movedim(d, -1).reshape(-1, full.shape[d])
+    if not bool((rows == rows[:1]).all()):
+        return "BatchNorm's channels are not blocks of the producer's channels"
+    return rows[0].clone()
 
 
 def _views_compose_to_identity(nodes: list[fx.Node], shape: tuple[int, ...]) -> bool:

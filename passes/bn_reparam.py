@@ -41,7 +41,7 @@ import torch.fx as fx
 from optcc.pass_base import Pass, PassResult, register_pass
 from optcc.rewrite import NOT_ANCHOR, Match, NoMatch, Rule, apply_rules
 
-from . import _reparam_affine, _reparam_branches
+from . import _reparam_affine, _reparam_branches, _reparam_conv_fc
 from ._batchnorm import BATCH_NORM, bn_affine, bn_output
 from ._weights import replace_weight_and_bias, weight_and_bias
 
@@ -222,7 +222,7 @@ class BatchNormThenLinear(Rule):
 
 
 FOLD_RULES = [ConvThenBatchNorm(), LinearThenBatchNorm(), BatchNormThenConv(), BatchNormThenLinear()]
-RULES = FOLD_RULES + _reparam_branches.RULES + _reparam_affine.RULES
+RULES = FOLD_RULES + _reparam_branches.RULES + _reparam_conv_fc.RULES + _reparam_affine.RULES
 
 
 @register_pass
@@ -238,7 +238,8 @@ class BatchNormReparam(Pass):
 
     @classmethod
     def documentation(cls) -> str:
-        parts = [super().documentation(), _reparam_branches.__doc__ or "", _reparam_affine.__doc__ or ""]
+        parts = [super().documentation(), *(m.__doc__ or "" for m in (_reparam_branches, _reparam_conv_fc,
+                                                                       _reparam_affine))]
         return "\n\n".join(p.strip() for p in parts if p.strip())
 
     def run(self, gm: fx.GraphModule) -> PassResult:
