@@ -34,6 +34,10 @@ SPECS = {
     "dbb": ModelSpec(IMAGE, (block("dbb", plain_pool=False, act="sigmoid"),)),
     "dbb_plain_pool": ModelSpec(IMAGE, (block("dbb", plain_pool=True, act="tanh"),)),
     "branches_concat": ModelSpec(IMAGE, (block("branches", cout=2),)),
+    "repmlp": ModelSpec(IMAGE, (block("repmlp", window=3, kernels=(1, 3), sharesets=2, nonlinear=False,
+                                      act="relu"),)),
+    "repmlp_nonlinear_local": ModelSpec(IMAGE, (block("repmlp", window=2, kernels=(3,), sharesets=4,
+                                                      nonlinear=True, act="identity"),)),
     "affine_forms": ModelSpec(IMAGE, tuple(block("affine", form=f) for f in ("scale_shift", "scalar", "repbn", "bn"))),
     "pool_head": ModelSpec(IMAGE, (block("pool", form="max"), block("head", form="flatten", classes=3,
                                                                      bn_before=True, bn_after=True)), two_outputs=True),
@@ -62,7 +66,8 @@ def test_every_idiom_and_mask_is_covered():
     assert {mask for _, mask in covered} == set(MASKS)
 
 
-@pytest.mark.parametrize("name", ["repvgg", "repvgg_strided_dw", "acnet", "dbb_plain_pool", "residual", "pool_head", "conv_transpose"])
+@pytest.mark.parametrize("name", ["repvgg", "repvgg_strided_dw", "acnet", "dbb_plain_pool", "residual", "pool_head",
+                                  "conv_transpose", "repmlp"])
 def test_bn_reparam_folds_every_batchnorm_the_generator_builds(name):
     model, inputs = build_model(SPECS[name])
     gm = optcc.capture(model, inputs)

@@ -187,6 +187,32 @@ class DBBAvg(nn.Module):
         return activation(self.act, self.kxk(x) + self.one(x) + pooled)
 
 
+class RepMLP(nn.Module):
+    """RepMLP's channel + local perceptrons: a grouped FC (+BN per share set) over each
+    window x window patch, plus conv+BN branches over the same patches (optionally through
+    a nonlinearity, which must keep them apart)."""
+
+    def __init__(self, b: Block, c: int):
+        super().__init__()
+        self.win, self.sets, self.nonlinear, self.act = b.window, b.sharesets, b.nonlinear, b.act
+        features = b.window * b.window * b.sharesets
+        self.fc = nn.Conv2d(features, features, 1, groups=b.sharesets, bias=False)
+        self.bn = nn.BatchNorm2d(b.sharesets)
+        self.convs = nn.ModuleList(conv_bn(b.sharesets, b.sharesets, k, groups=b.sharesets) for k in b.kernels)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        win, sets = self.win, self.sets
+        patches = x.reshape(n, c, h // win, win, w // win, win).permute(0, 2, 4, 1, 3, 5)
+        fc = self.bn(self.fc(patches.reshape(-1, sets * win * win, 1, 1)).reshape(-1, sets, win, win))
+        local = patches.reshape(-1, sets, win, win)
+        local = sum(conv(local) for conv in self.convs)
+        if self.nonlinear:
+            local = F.relu(local)
+        out = (fc + local).reshape(n, h // win, w // win, c, win, win).permute(0, 3, 1, 4, 2, 5)
+        return activation(self.act, out.reshape(n, c, h, w))
+
+
 class Branches(nn.Module):
     """Two parallel conv branches joined by concatenation (an Inception-style block)."""
 
@@ -442,7 +468,7 @@ class FuzzModel(nn.Module):
 
 
 IMAGE_BLOCKS = {"conv": ConvBlock, "conv_transpose": ConvTransposeBlock, "residual": Residual,
-                "repvgg": RepVGG, "acnet": ACNet, "dbb": DBBAvg, "branches": Branches,
+                "repvgg": RepVGG, "acnet": ACNet, "dbb": DBBAvg, "branches": Branches, "repmlp": RepMLP,
                 "affine": Affine, "pool": Pool, "act": Act}
 TOKEN_BLOCKS = {"linear": TokenLinear, "channel_bn": ChannelBN, "layer_norm": LayerNorm,
                 "mlp": MLP, "head_shuffle": HeadShuffle, "act": Act}
@@ -531,6 +557,9 @@ def image_block(draw, c: int, h: int, w: int) -> Block:
         kinds.append("pool")
     if max(h, w) <= 4:
         kinds.append("conv_transpose")
+    windows = [d for d in (2, 3, 4) if h % d == 0 and w % d == 0]
+    if windows:
+        kinds.append("repmlp")
     kind = draw(st.sampled_from(kinds))
     small = min(h, w)
     act = draw(_activations())
@@ -558,6 +587,11 @@ def image_block(draw, c: int, h: int, w: int) -> Block:
         return block("dbb", plain_pool=draw(st.booleans()), act=act)
     if kind == "branches":
         return block("branches", cout=draw(st.sampled_from([1, 2, 3])))
+    if kind == "repmlp":
+        kernels = draw(st.lists(st.sampled_from([1, 3, 5]), min_size=1, max_size=3, unique=True))
+        return block("repmlp", window=draw(st.sampled_from(windows)), kernels=tuple(kernels),
+                     sharesets=draw(st.sampled_from(sorted({1, c} | ({2} if c % 2 == 0 else set())))),
+                     nonlinear=draw(st.booleans()), act=act)
     if kind == "affine":
         return block("affine", form=draw(st.sampled_from(["scale_shift", "scalar", "repbn", "bn"])))
     if kind == "pool":
