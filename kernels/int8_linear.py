@@ -70,15 +70,20 @@ def outlier_columns(rows: torch.Tensor, threshold: float | None) -> torch.Tensor
     """Bool ``[K]``: the columns holding any value with ``|x| >= threshold``."""
     if not threshold or threshold <= 0 or rows.shape[0] == 0:
         return torch.zeros(rows.shape[-1], dtype=torch.bool, device=rows.device)
-    return (rows.abs() >= threshold).any(dim=0)
+    # |x| >= t  <=>  x >= t or x <= -t: one column min/max pass, no [M, K] temporaries
+    low, high = torch.aminmax(rows, dim=0)
+    return (high >= threshold) | (low <= -threshold)
 
 
 def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row absmax quantization: ``rows ~ q * scale[:, None]``; q holds integers in
     [-127, 127] (returned in ``rows``' float dtype, so kernels can feed it where they need)."""
-    scale = rows.abs().amax(dim=1) / 127.0
+    if rows.shape[0] == 0:
+        return rows.clone(), rows.new_zeros(0)
+    low, high = torch.aminmax(rows, dim=1)
+    scale = torch.maximum(high, -low) / 127.0  # max |x| per row
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(rows / safe[:, None]), scale
+    return torch.div(rows, safe[:, None]).round_(), scale
 
 
 def int8_linear_reference(x, weight, weight_scale, bias=None, threshold=6.0, weight_only=False):
@@ -190,9 +195,12 @@ def fbgemm_int_matmul(xq: torch.Tensor, weight: torch.Tensor, *, split_signs: bo
     packed = packed_weights.get(weight)
     m, k = xq.shape
     if split_signs:
-        pad = xq.new_zeros(1, k)
-        pad[0, 0] = 255.0  # range [0, 255]: scale 1, zero point 0
-        stacked = torch.cat([xq.clamp_min(0), (-xq).clamp_min(0), pad])
+        # [P; N; pad] written in place: P = max(xq, 0), N = -min(xq, 0), both in [0, 127]
+        stacked = xq.new_empty(2 * m + 1, k)
+        torch.clamp_min(xq, 0, out=stacked[:m])
+        torch.clamp_max(xq, 0, out=stacked[m:2 * m]).neg_()
+        stacked[2 * m].zero_()
+        stacked[2 * m, 0] = 255.0  # range [0, 255]: scale 1, zero point 0
         out = torch.ops.quantized.linear_dynamic(stacked, packed, False)
         return out[:m].sub_(out[m:2 * m])  # in place: a fresh [M, N] buffer costs page faults
     pad = xq.new_zeros(2, k)

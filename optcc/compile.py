@@ -7,7 +7,8 @@ backend, the CLI)::
 
 Targets:
 
-* ``eager``: the rewritten graph runs op by op with torch;
+* ``eager``: the rewritten graph runs op by op with torch (elementwise ops whose input
+  is a dead temporary run in place, :mod:`optcc.inplace`);
 * ``inductor``: the rewritten graph is compiled by TorchInductor (fast on CPU);
 * ``triton``: fused regions become generated Triton kernels (``optcc.lowering``);
 * ``auto``: ``triton`` when CUDA is available and the lowering is built, else ``inductor``.
@@ -78,7 +79,9 @@ def lower(gm: fx.GraphModule, target: str, flat_inputs: Sequence[Any]) -> Callab
 
         gm = inline_regions(gm)
     if target == "eager":
-        return gm
+        from .inplace import reinplace
+
+        return reinplace(gm)[0]  # Inductor and the Triton lowering plan their own buffers
     if target == "inductor":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
