@@ -70,18 +70,15 @@ def outlier_columns(rows: torch.Tensor, threshold: float | None) -> torch.Tensor
     """Bool ``[K]``: the columns holding any value with ``|x| >= threshold``."""
     if not threshold or threshold <= 0 or rows.shape[0] == 0:
         return torch.zeros(rows.shape[-1], dtype=torch.bool, device=rows.device)
-    # |x| >= t  <=>  x >= t or x <= -t: one column min/max pass, no [M, K] temporaries
-    low, high = torch.aminmax(rows, dim=0)
-    return (high >= threshold) | (low <= -threshold)
+    # |x| >= t  <=>  x >= t or x <= -t: two column reductions, no [M, K] temporaries
+    # (torch.aminmax is several times slower than amax + amin here)
+    return (rows.amax(dim=0) >= threshold) | (rows.amin(dim=0) <= -threshold)
 
 
 def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row absmax quantization: ``rows ~ q * scale[:, None]``; q holds integers in
     [-127, 127] (returned in ``rows``' float dtype, so kernels can feed it where they need)."""
-    if rows.shape[0] == 0:
-        return rows.clone(), rows.new_zeros(0)
-    low, high = torch.aminmax(rows, dim=1)
-    scale = torch.maximum(high, -low) / 127.0  # max |x| per row
+    scale = rows.abs().amax(dim=1) / 127.0
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     return torch.div(rows, safe[:, None]).round_(), scale
 
