@@ -1,6 +1,6 @@
 """bn_reparam on timm's re-parameterizable models: what it fused, compared with timm.
 
-    .venv/bin/python examples/reparam_table.py [MODEL ...]
+    .venv/bin/python examples/reparam_table.py [MODEL ...]     (MODEL: a timm name or "repmlp")
 
 For each model (random weights with randomized BatchNorm statistics, except
 efficientnet_lite0, which uses its real ImageNet weights): nodes and convolutions before
@@ -64,12 +64,36 @@ def row(name: str, size: int) -> str:
             f"{error:.1e} |")
 
 
+def repmlp_row() -> str:
+    """A RepMLPNet block (not in timm): its deploy form keeps every conv but the local
+    perceptron's branches, which RepMLP merges into ``fc3``."""
+    from optcc.testing.blocks import RepMLPBlock
+
+    torch.manual_seed(0)
+    block = RepMLPBlock(64, 14, 14, num_sharesets=4, reparam_conv_k=(1, 3, 5)).eval()
+    for m in block.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2)
+    x = torch.randn(1, 64, 56, 56)
+    before = optcc.capture(block, (x,))
+    compiled = optcc.compile(block, ["bn_reparam"], example_inputs=(x,), target="eager")
+    with torch.no_grad():
+        error = output_error([block(x)], [compiled(x)])
+    ops_b, ops_a = optcc.op_counts(before), optcc.op_counts(compiled.graph_module)
+    deploy_convs = sum(isinstance(m, torch.nn.Conv2d) for m in block.modules()) - len(block.reparam_conv_k)
+    return (f"| RepMLP block (64 ch, 14x14 windows, 4 share sets, k 1/3/5) | 56 | "
+            f"{len(before.graph.nodes)} -> {len(compiled.graph_module.graph.nodes)} | "
+            f"{ops_b[CONV]} -> {ops_a[CONV]} | {deploy_convs} (RepMLP's deploy form) | "
+            f"{ops_b[BN]} -> {ops_a.get(BN, 0)} | 0 | {error:.1e} |")
+
+
 def main(names: list[str]) -> None:
     print("| model | input | nodes before -> after | convs before -> after | convs, timm reparameterized "
           "| BN before -> after | BN, timm | max rel. error |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in names or list(MODELS):
-        print(row(name, MODELS.get(name, 224)), flush=True)
+    for name in names or [*MODELS, "repmlp"]:
+        print(repmlp_row() if name == "repmlp" else row(name, MODELS.get(name, 224)), flush=True)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ A failure is printed as a ``ModelSpec(...)`` that can be pasted into a regressio
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import threading
@@ -675,6 +676,7 @@ class FuzzStats:
     examples: int = 0
     pass_runs: int = 0
     triton_runs: int = 0  # models whose default-pipeline graph also ran as Triton kernels
+    settled_in_float64: int = 0  # fp32 differences of ill-conditioned models, exact in float64
     seconds: float = 0.0
     cpu_seconds: float = 0.0
     blocks: dict[str, int] = field(default_factory=dict)
@@ -696,6 +698,7 @@ class FuzzStats:
             self.examples += other["examples"]
             self.pass_runs += other["pass_runs"]
             self.triton_runs += other.get("triton_runs", 0)
+            self.settled_in_float64 += other.get("settled_in_float64", 0)
             self.seconds += other["seconds"]
             self.cpu_seconds += other["cpu_seconds"]
             for name, n in other["blocks"].items():
@@ -703,6 +706,7 @@ class FuzzStats:
 
     def as_dict(self) -> dict:
         return {"examples": self.examples, "pass_runs": self.pass_runs, "triton_runs": self.triton_runs,
+                "settled_in_float64": self.settled_in_float64,
                 "seconds": self.seconds,
                 "cpu_seconds": self.cpu_seconds, "blocks": dict(self.blocks)}
 
@@ -758,8 +762,22 @@ def _triton_problem(gm, inputs: tuple, expected: list, tolerance: float) -> str 
     return None
 
 
+#: An exact rewrite run in float64 agrees with float64 eager to ~1e-14 (relative).
+FLOAT64_TOLERANCE = 1e-9
+
+
+def float64_error(model: nn.Module, inputs: tuple, make_passes) -> float:
+    """The relative output difference of the passes on a float64 copy of the model."""
+    model64 = copy.deepcopy(model).double()
+    inputs64 = tuple(x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in inputs)
+    expected = model64(*inputs64)
+    expected = list(expected) if isinstance(expected, tuple) else [expected]
+    gm, _ = PassManager(make_passes(), verify=False).run(optcc.capture(model64, inputs64))
+    return output_error(expected, list(gm(*inputs64)))
+
+
 def differential_check(model: nn.Module, inputs: tuple, tolerance: float = 1e-5,
-                       triton: bool = False) -> tuple[list[str], int]:
+                       triton: bool = False, stats: FuzzStats | None = None) -> tuple[list[str], int]:
     """Run each exact pass alone, and the default pipeline, against eager; return (problems, runs).
 
     The passes come from the registry on every call, so a pass registered later is
@@ -770,6 +788,14 @@ def differential_check(model: nn.Module, inputs: tuple, tolerance: float = 1e-5,
     ``tolerance`` (relative, :func:`optcc.pass_manager.output_error`), or a captured
     graph whose outputs changed after the passes ran on copies of it (a pass that wrote
     into a shared constant).
+
+    Some models amplify rounding: a LayerNorm over two nearly equal features turns the
+    last-bit differences of a re-associated sum into 1e-5 of its output (eager itself moves
+    by 7e-6 for a 1e-7 input perturbation on such a model). An fp32 difference beyond
+    ``tolerance`` is therefore re-checked on a float64 copy of the model, inputs and
+    passes, where an exact rewrite agrees with eager to ~1e-14: it is a problem unless
+    that difference is within :data:`FLOAT64_TOLERANCE` (counted in ``stats``). Such a
+    model's graph is not run as Triton kernels (they compute in fp32).
     """
     with torch.no_grad():
         expected = model(*inputs)
@@ -780,6 +806,7 @@ def differential_check(model: nn.Module, inputs: tuple, tolerance: float = 1e-5,
         error = output_error(expected, baseline)
         if error > tolerance:
             problems.append(f"capture alone changed the outputs by {error:.3g}")
+        ill_conditioned = False
         exact = {name: cls for name, cls in registered_passes().items() if cls.exact}
         pipelines = [(name, lambda cls=cls: [cls()]) for name, cls in sorted(exact.items())]
         if len(exact) > 1:  # with one exact pass the default pipeline is that pass alone
@@ -790,11 +817,18 @@ def differential_check(model: nn.Module, inputs: tuple, tolerance: float = 1e-5,
                 if record.status == "failed":
                     problems.append(f"{label}: pass {record.name} raised: {record.message}")
             error = output_error(expected, list(gm(*inputs)))
-            if error > tolerance:
+            if error > tolerance and float64_error(model, inputs, make_passes) <= FLOAT64_TOLERANCE:
+                ill_conditioned = True
+                if stats is not None:
+                    stats.settled_in_float64 += 1
+            elif error > tolerance:
                 applied = [r.name for r in report.records if r.status == "applied"]
                 problems.append(f"{label}: outputs differ from eager by {error:.3g} (relative; "
                                 f"tolerance {tolerance:g}); applied: {applied}")
-            if triton and label == pipelines[-1][0]:
+            # fp32 kernels cannot be held to the tolerance on a model that amplifies rounding
+            if triton and label == pipelines[-1][0] and not ill_conditioned:
+                if stats is not None:
+                    stats.triton_runs += 1
                 problem = _triton_problem(gm, inputs, expected, tolerance)
                 if problem:
                     problems.append(problem)
@@ -812,8 +846,7 @@ def check_spec(spec: ModelSpec, stats: FuzzStats | None = None) -> None:
     # Every TRITON_EVERY-th model also runs the default pipeline's graph as generated
     # Triton kernels (in the interpreter: slow, so not every model).
     triton = os.environ.get("TRITON_INTERPRET") == "1" and stats.examples % TRITON_EVERY == 0
-    problems, runs = differential_check(model, inputs, triton=triton)
-    stats.triton_runs += triton
+    problems, runs = differential_check(model, inputs, triton=triton, stats=stats)
     stats.count(spec, runs, time.perf_counter() - start, time.process_time() - cpu_start)
     assert not problems, f"{spec!r}\n" + "\n".join(problems)
 
