@@ -36,7 +36,10 @@ def randomized(name: str) -> torch.nn.Module:
     if name == "efficientnet_lite0":
         return zoo.efficientnet_lite0()
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False).eval()
+    return randomize_bn(timm.create_model(name, pretrained=False).eval())
+
+
+def randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -70,11 +73,7 @@ def repmlp_row() -> str:
     from optcc.testing.blocks import RepMLPBlock
 
     torch.manual_seed(0)
-    block = RepMLPBlock(64, 14, 14, num_sharesets=4, reparam_conv_k=(1, 3, 5)).eval()
-    for m in block.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2)
+    block = randomize_bn(RepMLPBlock(64, 14, 14, num_sharesets=4, reparam_conv_k=(1, 3, 5)).eval())
     x = torch.randn(1, 64, 56, 56)
     before = optcc.capture(block, (x,))
     compiled = optcc.compile(block, ["bn_reparam"], example_inputs=(x,), target="eager")

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from .pass_manager import snapshot
+
 aten = torch.ops.aten
 
 IN_PLACE = {
@@ -68,10 +70,9 @@ def _overwritable(node: fx.Node, operand, others: tuple, fresh: set) -> bool:
 
 def reinplace(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
     """A copy of ``gm`` (sharing its tensors) with the legal in-place rewrites; their count."""
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
+    out = snapshot(gm)
     fresh: set[fx.Node] = set()  # rewritten ops: their result is the dead temporary they overwrote
-    for node in graph.nodes:
+    for node in out.graph.nodes:
         target = IN_PLACE.get(node.target)
         if target is None or not node.args:
             continue
@@ -84,9 +85,7 @@ def reinplace(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:
             node.args = (node.args[1], first)
         node.target = target
         fresh.add(node)
-    rewritten = len(fresh)
-    if not rewritten:
+    if not fresh:
         return gm, 0
-    out = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    out.meta.update(gm.meta)
-    return out, rewritten
+    out.recompile()
+    return out, len(fresh)

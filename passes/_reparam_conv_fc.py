@@ -48,6 +48,7 @@ import torch.fx as fx
 from optcc.ir import op_name
 from optcc.rewrite import NOT_ANCHOR, Match, NoMatch, Rule
 
+from ._reparam_affine import PERMUTES, _shape
 from ._weights import replace_weight_and_bias, weight_and_bias
 
 aten = torch.ops.aten
@@ -58,31 +59,7 @@ SUB = aten.sub.Tensor
 # ops that change the shape and never the row-major order of the elements
 RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
             aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default)
-PERMUTES = (aten.permute.default, aten.transpose.int)
 MAX_MATRIX_ELEMENTS = 1 << 24
-
-
-def _shape(node) -> tuple[int, ...] | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if not isinstance(val, torch.Tensor):
-        return None
-    try:
-        return tuple(int(d) for d in val.shape)
-    except (TypeError, ValueError):  # symbolic sizes
-        return None
-
-
-def _is_reshape(node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in RESHAPES
-
-
-def _up_through_reshapes(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
-    """The first non-reshape node above ``node`` and the reshapes passed (nearest first)."""
-    chain = []
-    while _is_reshape(node) and isinstance(node.args[0], fx.Node):
-        chain.append(node)
-        node = node.args[0]
-    return node, chain
 
 
 def _lineage(node: fx.Node, through=RESHAPES) -> list[fx.Node]:
@@ -92,6 +69,12 @@ def _lineage(node: fx.Node, through=RESHAPES) -> list[fx.Node]:
         node = node.args[0]
         seen.append(node)
     return seen
+
+
+def _up_through_reshapes(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """The first non-reshape node above ``node`` and the reshapes passed (nearest first)."""
+    *chain, top = _lineage(node)
+    return top, chain
 
 
 def _share_source(a: fx.Node, b: fx.Node, through=RESHAPES) -> bool:
@@ -133,10 +116,7 @@ def _conv_matrix(conv: fx.Node, weight: torch.Tensor, in_shape: tuple[int, ...])
     """``M[g, f]``: the convolution as a matrix over one row's features (float64)."""
     features = math.prod(in_shape[1:])
     basis = torch.eye(features, dtype=torch.float64).reshape(features, *in_shape[1:])
-    _, _, _, stride, padding, dilation, _, _, groups = conv.args
-    n = len(in_shape) - 2
-    conv_fn = (torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d)[n - 1]
-    out = conv_fn(basis, weight.double(), None, stride, padding, dilation, groups)
+    out = CONV(basis, weight.double(), None, *conv.args[3:])
     return out.reshape(features, -1).T
 
 
