@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .int8_linear import outlier_columns, quantize_rows
+from .int8_quantize import outlier_columns, quantize_rows
 
 
 @triton.jit

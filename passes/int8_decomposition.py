@@ -28,7 +28,9 @@ step of ``s_j``). ``threshold`` 0 or None quantizes every column (plain vector-w
 Approximate: never runs unless named. Selection: ``include`` / ``skip`` are fnmatch
 patterns tried against the node's name, its weight constant's name and the path of the
 module it came from (``node.meta["nn_module_stack"]``, e.g. ``encoder.layer.0.output.dense``);
-``min_weight_elements`` leaves small layers in fp32. Left alone: matmuls whose weight is
+``min_weight_elements`` leaves small layers in fp32. ``cpu_kernel`` forces one of the CPU
+integer GEMMs of :mod:`optcc.kernels.int8_cpu` (default ``auto``: the first exact one in
+the order measured for this CPU); the stats name the kernel and why. Left alone: matmuls whose weight is
 not a constant (``x @ y`` of two activations) and weights that are not 2-d floats.
 """
 
@@ -42,6 +44,7 @@ import torch
 import torch.fx as fx
 
 from optcc.ir import add_constant, drop_unused_constants, get_constant
+from optcc.kernels.int8_cpu import choose as choose_cpu_kernel
 from optcc.kernels.int8_linear import int8_linear, quantize_weight
 from optcc.pass_base import Pass, PassResult, register_pass
 from optcc.rewrite import NOT_ANCHOR, Match, NoMatch, Rule, apply_rules
@@ -142,11 +145,14 @@ class QuantizeLinear(Rule):
         q_node = add_constant(gm, f"{base}_int8", q, before=node)
         s_node = add_constant(gm, f"{base}_scale", scale, before=node)
         threshold = float(self.options.threshold or 0.0)
+        # the kernel argument is written only when forced, so graphs read as before
+        kwargs = {} if self.options.cpu_kernel == "auto" else {"kernel": self.options.cpu_kernel}
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
                 int8_linear,
                 (m.nodes["x"], q_node, s_node, m.values["bias"], threshold,
                  bool(self.options.weight_only), m.values["layer"]),
+                kwargs,
             )
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
@@ -171,8 +177,10 @@ class Int8Decomposition(Pass):
         skip: Patterns = ()
         min_weight_elements: int = 0
         weight_only: bool = False
+        cpu_kernel: str = "auto"
 
     def run(self, gm: fx.GraphModule) -> PassResult:
+        kernel = choose_cpu_kernel(self.options.cpu_kernel)  # an unknown or inexact kernel fails here, by name
         rule = QuantizeLinear(self.options)
         stats = apply_rules(gm, [rule])
         if stats["matches"]:
@@ -180,4 +188,7 @@ class Int8Decomposition(Pass):
             drop_unused_constants(gm)  # the fp32 weights go now, not only at the next cleanup
         stats.update(layers=list(rule.layer_names), weight_bytes_fp32=rule.bytes_before,
                      weight_bytes_int8=rule.bytes_after)
+        if stats["matches"]:
+            stats.update(cpu_kernel="fp32 (weight only)" if self.options.weight_only else kernel.kernel.name,
+                         cpu_kernel_reason=kernel.reason)
         return PassResult(gm, stats["matches"] > 0, stats)

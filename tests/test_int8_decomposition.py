@@ -216,3 +216,23 @@ def test_minilm_real_weights_keep_embeddings():
     assert agreement["cosine_mean"] > 0.998 and agreement["cosine_min"] > 0.99
     assert 0.99 < summary["int8_fraction"] < 1.0
     assert compiled.report[PASS].error < 0.1
+
+
+def test_report_names_the_cpu_kernel_and_a_forced_kernel_is_in_the_graph():
+    from optcc.hardware import cpu
+    from optcc.kernels import int8_cpu
+
+    torch.manual_seed(0)
+    model, x = Mlp().eval(), with_outliers((4, 64))
+    auto = optcc.compile(model, [PASS], example_inputs=(x,), target="eager")
+    stats = auto.report[PASS].stats
+    assert stats["cpu_kernel"] == int8_cpu.choose("auto").kernel.name
+    assert cpu().capability in stats["cpu_kernel_reason"]
+    assert "kernel=" not in graph_text(auto.graph_module)  # auto leaves the graph as it reads
+    forced = optcc.compile(model, [(PASS, {"cpu_kernel": "fp32"})], example_inputs=(x,), target="eager")
+    assert forced.report[PASS].stats["cpu_kernel"] == "fp32"
+    assert "kernel='fp32'" in graph_text(forced.graph_module) or "kernel=fp32" in graph_text(forced.graph_module)
+    with collect_stats() as seen:
+        y = forced(x)
+    assert {k for layer in seen.values() for k in layer.kernels} == {"fp32"}
+    torch.testing.assert_close(y, auto(x), rtol=1e-5, atol=1e-5 * y.abs().max().item())

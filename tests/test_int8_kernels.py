@@ -1,5 +1,7 @@
-"""optcc::int8_linear kernels: the CPU (fbgemm) path, the Triton kernel in the interpreter
-and compiled ahead of time for sm_80/sm_90, the fake implementation, and bitsandbytes."""
+"""optcc::int8_linear kernels: every CPU integer GEMM this machine can run (which one is
+exact, and which one ``auto`` picks, follow from the detected CPU), the Triton kernel in the
+interpreter and compiled ahead of time for sm_80/sm_90, the fake implementation, and
+bitsandbytes."""
 
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ import sys
 import pytest
 import torch
 
+from optcc.hardware import cpu
+from optcc.kernels import int8_cpu
+from optcc.kernels.int8_cpu import KERNELS, KernelUnavailable, fbgemm_int_matmul, full_scale_operands, probe
 from optcc.kernels.int8_linear import (
     collect_stats,
-    fbgemm_int_matmul,
     int8_linear,
     int8_linear_reference,
     quantize_weight,
@@ -33,12 +37,11 @@ def layer(n=96, k=200, outlier_columns=(4, 50, 51), magnitude=25.0, rows=37):
 
 
 def full_scale_integers(m, k, n):
-    """Integer operands at the edges of the int8 range, where 16-bit pair sums saturate."""
-    xq = torch.randint(-127, 128, (m, k)).float()
-    xq[:, :8] = 127.0
-    wq = torch.randint(-127, 128, (n, k), dtype=torch.int8)
-    wq[:, :8] = 127
-    return xq, wq
+    return full_scale_operands(m, k, n, seed=m * k + n)
+
+
+def runnable_kernels():
+    return [name for name in KERNELS if probe(name) is None]
 
 
 def test_fbgemm_path_is_exact_integer_arithmetic():
@@ -47,11 +50,61 @@ def test_fbgemm_path_is_exact_integer_arithmetic():
     assert torch.equal(fbgemm_int_matmul(xq, wq), exact)
 
 
-def test_single_fbgemm_gemm_saturates_without_the_sign_split():
-    """Why the rows are split by sign: uint8 x int8 pairs saturate at 16 bits on AVX2."""
+def test_one_pass_fbgemm_saturates_exactly_where_the_cpu_lacks_vnni():
+    """Why the rows are split by sign: without VNNI, u8 x s8 pairs are summed in 16 bits."""
     xq, wq = full_scale_integers(33, 96, 40)
     exact = (xq.double() @ wq.double().t()).float()
-    assert (fbgemm_int_matmul(xq, wq, split_signs=False) - exact).abs().max() > 1000
+    error = (fbgemm_int_matmul(xq, wq, split_signs=False) - exact).abs().max()
+    if cpu().vnni:
+        assert error == 0
+        assert probe("fbgemm") is None
+    else:
+        assert error > 1000
+        assert "not exact" in probe("fbgemm")
+
+
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_every_runnable_cpu_kernel_is_exact_integer_arithmetic(name):
+    if probe(name) is not None:
+        with pytest.raises(KernelUnavailable, match=name):
+            int8_cpu.choose(name)
+        return
+    xq, wq = full_scale_integers(29, 1000 if name != "fp32" else 96, 24)
+    scale = torch.rand(24) + 0.5
+    expected = (xq.double() @ wq.double().t() * scale.double()).float()
+    torch.testing.assert_close(int8_cpu.run_kernel(KERNELS[name], xq, wq, scale), expected, rtol=1e-6, atol=0)
+
+
+def test_auto_picks_by_the_detected_cpu_and_says_why():
+    choice = int8_cpu.choose("auto")
+    assert probe(choice.kernel.name) is None
+    info = cpu()
+    if info.vnni or info.amx:
+        assert choice.kernel.name in ("onednn", "int_mm", "fbgemm")
+    else:
+        assert choice.kernel.name in ("fbgemm_split", "fp32")
+    assert info.capability in choice.reason
+    assert choice.kernel.name == next(n for n in int8_cpu.preference() if probe(n) is None)
+
+
+def test_unknown_kernel_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown CPU int8 kernel 'mkl'.*auto, onednn"):
+        int8_cpu.choose("mkl")
+
+
+@pytest.mark.parametrize("name", ["auto", *KERNELS])
+@pytest.mark.parametrize("threshold", [6.0, 0.0])
+def test_op_matches_reference_with_every_kernel(name, threshold):
+    x, wq, scale, bias = layer()
+    if name != "auto" and probe(name) is not None:
+        with pytest.raises(KernelUnavailable, match="use 'auto'"):
+            int8_linear(x, wq, scale, bias, threshold, False, "layer", name)
+        return
+    expected = int8_linear_reference(x, wq, scale, bias, threshold)
+    with collect_stats() as stats:
+        got = int8_linear(x, wq, scale, bias, threshold, False, "layer", name)
+    assert stats["layer"].kernels == {int8_cpu.choose(name).kernel.name}
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("threshold", [6.0, 0.0])
