@@ -7,11 +7,12 @@ is summarised by the median of its runs; the table shows speed ratios against fp
 Linears (``[M, K] x [K, N]``, two planted outlier columns of magnitude 20):
 
 * ``fp32``: ``torch.nn.functional.linear``;
-* ``int8 op``: ``optcc::int8_linear`` (threshold 6): row quantization, fbgemm int8 GEMM on
-  the sign-split rows (exact), outlier columns in fp32, dequantization and bias;
-* ``fbgemm GEMM, sign split``: the exact int8 GEMM alone (already-quantized rows);
-* ``fbgemm GEMM, one pass``: one fbgemm GEMM without the sign split - what fbgemm costs
-  when 16-bit saturation is accepted (it is wrong wherever a pair of products saturates).
+* ``bf16``: the same in bf16 (for reference: what a lower-precision float path would give);
+* ``int8 op``: ``optcc::int8_linear`` (threshold 6) with the kernel ``auto`` picks on this
+  CPU: row quantization, the integer GEMM, outlier columns in fp32, dequantization, bias;
+* ``GEMM <kernel>``: each CPU integer GEMM of ``optcc.kernels.int8_cpu`` alone, on
+  already-quantized rows, for every kernel that is exact on this CPU (the probe decides;
+  the others are listed with the reason).
 
     .venv/bin/python examples/bench_int8.py [--runs 9] [--seconds 0.3]
 """
@@ -31,7 +32,9 @@ import torch.nn.functional as F  # noqa: E402
 import optcc  # noqa: E402
 from optcc import evaluation as ev  # noqa: E402
 from optcc.bench import calibrate, time_interleaved  # noqa: E402
-from optcc.kernels.int8_linear import fbgemm_int_matmul, int8_linear, quantize_rows, quantize_weight  # noqa: E402
+from optcc.hardware import cpu_summary  # noqa: E402
+from optcc.kernels import int8_cpu  # noqa: E402
+from optcc.kernels.int8_linear import int8_linear, quantize_rows, quantize_weight  # noqa: E402
 from optcc.pass_manager import output_error  # noqa: E402
 
 
@@ -48,8 +51,14 @@ def ratios(fns: dict, runs: int, seconds: float) -> tuple[dict, dict]:
 
 @torch.no_grad()
 def linears(runs: int, seconds: float) -> None:
-    print("| linear M x K x N | int8 op / fp32 | fbgemm GEMM, sign split / fp32 | fbgemm GEMM, one pass / fp32 | max spread | int8 op rel. error vs fp32 |")
-    print("|---|---|---|---|---|---|")
+    kernels = [name for name in int8_cpu.KERNELS if int8_cpu.probe(name) is None and name != "fp32"]
+    for name in int8_cpu.KERNELS:
+        if int8_cpu.probe(name) is not None:
+            print(f"GEMM {name}: {int8_cpu.probe(name)}")
+    print(f"int8 op kernel (auto): {int8_cpu.choose().kernel.name}: {int8_cpu.choose().reason}\n")
+    columns = ["int8 op"] + [f"GEMM {k}" for k in kernels] + ["bf16"]
+    print("| linear M x K x N | " + " | ".join(f"{c} / fp32" for c in columns) + " | max spread | int8 op rel. error vs fp32 |")
+    print("|---" * (len(columns) + 3) + "|")
     for m, k, n in [(128, 768, 3072), (128, 3072, 768), (256, 4096, 4096)]:
         x = torch.randn(m, k)
         x[:, [11, 500]] *= 20
@@ -57,16 +66,17 @@ def linears(runs: int, seconds: float) -> None:
         b = torch.randn(n)
         wq, scale = quantize_weight(w)
         xq, _ = quantize_rows(x)
-        fns = {
-            "fp32": lambda: F.linear(x, w, b),
-            "int8 op": lambda: int8_linear(x, wq, scale, b, 6.0, False, "bench"),
-            "split": lambda: fbgemm_int_matmul(xq, wq),
-            "one pass": lambda: fbgemm_int_matmul(xq, wq, split_signs=False),
-        }
+        xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+        fns = {"fp32": lambda: F.linear(x, w, b), "int8 op": lambda: int8_linear(x, wq, scale, b, 6.0, False, "bench")}
+        for name in kernels:
+            kernel = int8_cpu.KERNELS[name]
+            operand = xq.to(torch.int8) if kernel.reads_int8 else xq
+            fns[f"GEMM {name}"] = lambda kernel=kernel, operand=operand: kernel.run(operand, wq, scale)
+        fns["bf16"] = lambda: F.linear(xb, wb, bb)
         r, spread = ratios(fns, runs, seconds)
         error = output_error([F.linear(x, w, b)], [int8_linear(x, wq, scale, b, 6.0, False, "bench")])
-        print(f"| {m} x {k} x {n} | {r['int8 op']:.2f}x | {r['split']:.2f}x | {r['one pass']:.2f}x | "
-              f"{max(spread.values()):.0%} | {error:.1e} |")
+        print(f"| {m} x {k} x {n} | " + " | ".join(f"{r[c]:.2f}x" for c in columns)
+              + f" | {max(spread.values()):.0%} | {error:.1e} |")
 
 
 @torch.no_grad()
@@ -83,13 +93,12 @@ def minilm(runs: int, seconds: float) -> None:
     reference = encoder(*batch)
     fns = {name: (lambda fn=fn: fn(*batch)) for name, fn in contenders.items()}
     r, spread = ratios(fns, runs, seconds)
-    print(f"\nall-MiniLM-L6-v2 end to end, batch {batch[0].shape[0]} x {batch[0].shape[1]} tokens, "
-          f"{torch.get_num_threads()} threads\n")
-    print("| contender | speed vs eager fp32 | spread | cosine min vs fp32 |")
+    print(f"\nall-MiniLM-L6-v2 end to end, batch {batch[0].shape[0]} x {batch[0].shape[1]} tokens\n")
+    print("| contender | speed vs eager fp32 | spread | cosine mean / min vs fp32 |")
     print("|---|---|---|---|")
     for name, fn in contenders.items():
-        cos = ev.embedding_agreement(reference, fn(*batch))["cosine_min"]
-        print(f"| {name} | {r[name]:.2f}x | {spread[name]:.0%} | {cos:.5f} |")
+        cos = ev.embedding_agreement(reference, fn(*batch))
+        print(f"| {name} | {r[name]:.2f}x | {spread[name]:.0%} | {cos['cosine_mean']:.5f} / {cos['cosine_min']:.5f} |")
 
 
 if __name__ == "__main__":
@@ -99,5 +108,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
+    print(f"CPU: {cpu_summary()}\n")
     linears(args.runs, args.seconds)
     minilm(args.runs, args.seconds)

@@ -83,12 +83,40 @@ packed_weights = _PackCache()
 # Row quantization into what each kernel reads
 
 
-def quantize_rows_int8(rows: torch.Tensor, safe_scale: torch.Tensor) -> torch.Tensor:
-    """int8 ``round(rows * (1 / safe_scale))`` in one vectorized pass (PyTorch's
-    per-channel quantize kernel; the int8 tensor is a view of its storage, no copy)."""
-    zero_points = torch.zeros(rows.shape[0], dtype=torch.long)
-    q = torch.quantize_per_channel(rows, safe_scale, zero_points, 0, torch.qint8)
-    return torch.empty(0, dtype=torch.int8).set_(q.untyped_storage(), 0, rows.shape, (rows.shape[1], 1))
+class _Workspace(threading.local):
+    """Per-thread scratch buffers, grown as needed and reused across calls: a fresh
+    [M, K] buffer per call costs more in page faults than the pass that fills it."""
+
+    def get(self, key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        buffers = self.__dict__.setdefault("buffers", {})
+        buffer = buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = buffers[key] = torch.empty(numel, dtype=dtype)
+        return buffer[:numel]
+
+
+_workspace = _Workspace()
+
+
+def quantize_rows_int8(rows: torch.Tensor, columns: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(xq, a)``: int8 ``round(rows * (1 / a))`` with ``columns`` (the outliers) set to 0
+    and ``a`` the absmax of each row over the other columns / 127, computed in scratch
+    buffers (the int8 result is one too: valid until this thread's next call)."""
+    m, k = rows.shape
+    scratch = _workspace.get("fp32", m * k, torch.float32).view(m, k)
+    if columns is None:
+        # max |x| = max(max x, -min x): two read-only reductions, no temporary
+        row_scale = torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg_()).div_(127.0)
+    else:
+        torch.abs(rows, out=scratch)
+        row_scale = scratch.index_fill_(1, columns, 0.0).amax(dim=1).div_(127.0)
+    safe = torch.where(row_scale > 0, row_scale, torch.ones_like(row_scale))
+    torch.mul(rows, safe.reciprocal()[:, None], out=scratch).round_()
+    if columns is not None:
+        scratch.index_fill_(1, columns, 0.0)
+    xq = _workspace.get("int8", m * k, torch.int8).view(m, k)
+    xq.copy_(scratch)  # integers in [-127, 127]: the conversion is exact
+    return xq, row_scale
 
 
 # ----------------------------------------------------------------------------------------

@@ -110,16 +110,7 @@ def _int8_linear_cpu(x, weight, weight_scale, bias, threshold, weight_only, kern
     if rows.shape[0] == 0:
         y = rows.new_zeros(0, weight.shape[0])
     elif kernel.reads_int8:
-        # the row scales leave the outlier columns out; quantizing whole rows and zeroing
-        # those columns of the int8 result afterwards gives the same integers in one pass
-        magnitudes = rows.abs()
-        if columns is not None:
-            magnitudes.index_fill_(1, columns, 0.0)
-        row_scale = magnitudes.amax(dim=1).div_(127.0)
-        safe = torch.where(row_scale > 0, row_scale, torch.ones_like(row_scale))
-        xq = quantize_rows_int8(rows, safe)
-        if columns is not None:
-            xq.index_fill_(1, columns, 0)
+        xq, row_scale = quantize_rows_int8(rows, columns)
         y = kernel.run(xq, weight, weight_scale)
     else:
         inliers = rows.index_fill(1, columns, 0.0) if columns is not None else rows

@@ -35,6 +35,7 @@ from rich.table import Table
 from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
+from . import hardware
 from .compile import compile as optcc_compile
 from .compile import default_passes
 from .pass_base import PassSpec, make_pass
@@ -72,6 +73,7 @@ class BenchResult:
     iterations: int  # calls per timed run
     threads: int
     notes: list[str] = field(default_factory=list)
+    cpu: str = field(default_factory=lambda: " ".join(hardware.cpu().features()))  # ISA the times hold for
 
     def __getitem__(self, name: str) -> Contender:
         for c in self.contenders:
@@ -90,7 +92,7 @@ class BenchResult:
         passes = ", ".join(self.passes) or "none"
         table = Table(
             title=f"{self.model}: passes {passes}; median of {self.runs} interleaved runs x "
-                  f"{self.iterations} calls, {self.threads} thread(s)",
+                  f"{self.iterations} calls, {self.threads} thread(s), CPU {self.cpu}",
             title_justify="left",
         )
         baselines = [b for b in ("eager", "torch.compile") if any(c.name == b and c.times_ms for c in self.contenders)]

@@ -38,6 +38,9 @@ def test_benchmark_eager_vs_optcc_eager():
     assert optimized.compile_seconds > 0
     assert optimized.error < 1e-5
     assert result.ratio("eager") == 1.0
+    from optcc.hardware import cpu
+
+    assert f"CPU {' '.join(cpu().features())}" in result.render(width=200)  # times hold for this ISA only
     assert result.ratio("optcc-eager") == pytest.approx(eager.median_ms / optimized.median_ms)
     assert result.ratio("optcc-eager", "torch.compile") is None  # not timed here
 
