@@ -1,6 +1,7 @@
 """Lowering of fused regions to generated Triton kernels (``target="triton"``).
 
-``lower(gm, flat_inputs)`` returns a copy of the rewritten graph in which every region a
+``with_regions(gm)`` groups ops into fused regions (:mod:`.partition`) once every rewrite
+is done; ``lower(gm, flat_inputs)`` returns a copy of the rewritten graph in which every region a
 generator supports launches one generated kernel (cached as files by :mod:`.cache`,
 launched by :mod:`.runtime`); the other regions run their reference
 subgraph and every op outside regions stays a torch op, with a warning that says which
@@ -37,6 +38,21 @@ def is_available() -> bool:
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def with_regions(gm: Any) -> Any:
+    """``gm`` itself if it has fused regions (the user named ``block_fusion``), else a copy
+    with regions formed (:mod:`.partition`): the lowering's first step, after every rewrite."""
+    from optcc.pass_manager import snapshot
+    from optcc.regions import has_regions
+
+    from .partition import form_regions
+
+    if has_regions(gm):
+        return gm
+    gm = snapshot(gm)
+    form_regions(gm)
+    return gm
 
 
 def lower(gm: Any, flat_inputs: Sequence[Any]) -> Callable:

@@ -1,7 +1,7 @@
 """The ``optcc`` command line: list passes, dump graphs, benchmark, and a demo.
 
     optcc passes
-    optcc dump MODEL [--passes a,b] [--after-each] [--format text|dot|svg|html|triton] [--out DIR]
+    optcc dump MODEL [--passes a,b] [--after-each] [--explain] [--format text|dot|svg|html|triton] [--out DIR]
     optcc bench MODEL [--passes a,b] [--runs N] [--batch N] [--targets eager,optcc-eager]
     optcc export MODEL [--passes a,b] --out model.onnx
     optcc demo
@@ -142,6 +142,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
     manager = PassManager(passes, verify=True, example_inputs=flat, dump_after_each=True)
     gm, report = manager.run(gm)
     stages = report.dumps if args.after_each else [("final", gm)]
+    if args.explain:
+        print(report.explain(), file=sys.stderr)
 
     if args.out is None:  # text or dot on stdout; the report goes to stderr, out of the way of pipes
         for i, (name, stage) in enumerate(stages):
@@ -274,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="text", choices=FORMATS, help="text (default), dot, svg, html, or triton (the generated kernel of every fused region)")
     p.add_argument("--out", metavar="DIR", help="write files to DIR (NN_stage.ext, or dump.html)")
     p.add_argument("--batch", type=int, help="batch size for demo and timm: models")
+    p.add_argument("--explain", action="store_true",
+                   help="print every rewrite a pass left alone, with why, its node and the model's source line")
     p.set_defaults(func=cmd_dump)
 
     p = sub.add_parser("bench", parents=[common], help="time optcc against eager PyTorch and torch.compile")

@@ -40,7 +40,7 @@ from torch.utils import _pytree as pytree
 
 from . import ir
 from .pass_base import Pass, PassSpec, make_pass, registered_passes
-from .pass_manager import PassManager
+from .pass_manager import PassManager, order_constraints
 from .report import Report
 
 log = logging.getLogger("optcc")
@@ -53,11 +53,12 @@ class TargetError(ValueError):
 
 
 def default_passes() -> list[Pass]:
-    """Every registered exact pass, in an order that satisfies their ``run_after`` constraints."""
-    exact = {name: cls for name, cls in registered_passes().items() if cls.exact}
+    """Every registered exact pass of the default pipeline, in an order that satisfies
+    their ``run_after`` / ``run_before`` constraints."""
+    exact = {name: cls for name, cls in registered_passes().items() if cls.exact and cls.in_default_pipeline}
     order = nx.DiGraph()
     order.add_nodes_from(exact)
-    order.add_edges_from((before, name) for name, cls in exact.items() for before in cls.run_after if before in exact)
+    order.add_edges_from((earlier, later) for earlier, later, _ in order_constraints(list(exact.values())))
     return [exact[name]() for name in nx.lexicographical_topological_sort(order)]
 
 
@@ -73,11 +74,13 @@ def resolve_target(target: str) -> str:
 
 def lower(gm: fx.GraphModule, target: str, flat_inputs: Sequence[Any]) -> Callable:
     """Turn a rewritten canonical graph into something callable on flat inputs."""
-    if target in ("eager", "inductor"):
-        # Both schedule op by op or by themselves: regions would only add call overhead.
-        from .regions import inline_regions
+    from .regions import has_regions, inline_regions
 
-        gm = inline_regions(gm)
+    if target in ("eager", "inductor"):
+        # Both schedule op by op or by themselves: regions (present only when the user
+        # named block_fusion) would only add call overhead.
+        if has_regions(gm):
+            gm = inline_regions(gm)
     if target == "eager":
         from .inplace import reinplace
 
@@ -89,7 +92,7 @@ def lower(gm: fx.GraphModule, target: str, flat_inputs: Sequence[Any]) -> Callab
     if target == "triton":
         from optcc import lowering
 
-        return lowering.lower(gm, flat_inputs)
+        return lowering.lower(lowering.with_regions(gm), flat_inputs)
     raise TargetError(f"unknown target '{target}'")
 
 

@@ -164,11 +164,13 @@ def graph_dot(gm: fx.GraphModule, title: str = "graph") -> str:
 
 
 def triton_text(gm: fx.GraphModule) -> str:
-    """The Triton source generated for every fused region of ``gm`` (``--format triton``)."""
+    """The Triton source generated for every fused region of ``gm`` (``--format triton``);
+    regions are formed first where no pass formed them, as ``target="triton"`` does."""
+    from optcc.lowering import with_regions
     from optcc.lowering.runtime import region_sources
 
-    parts = [f"# ---- {name}\n{source}" for name, source in region_sources(gm)]
-    return "\n".join(parts) if parts else "# no fused regions (run block_fusion to form them)\n"
+    parts = [f"# ---- {name}\n{source}" for name, source in region_sources(with_regions(gm))]
+    return "\n".join(parts) if parts else "# no fused regions: nothing in this graph fuses into a kernel\n"
 
 
 def dot_available() -> bool:

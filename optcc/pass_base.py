@@ -8,8 +8,10 @@ A pass is a class with
   Approximate passes never run unless the user names them;
 * ``Options``: a dataclass of its options with defaults; users configure a pass with
   ``("token_pruning", {"r": 8})`` or by constructing it, ``TokenPruning(r=8)``;
-* ``run_after``: names of passes that must come earlier when both are selected
-  (an ordering constraint, as in torch.fx's pass manager);
+* ``run_after`` / ``run_before``: names of passes that must come earlier / later when
+  both are selected (ordering constraints, as in torch.fx's pass manager), so a new pass
+  states where it belongs without editing the passes around it;
+* ``in_default_pipeline``: False for an exact pass that runs only when named;
 * ``run(gm) -> PassResult``: rewrites the canonical graph in place and says what changed.
 
 The core knows no particular pass: ``optcc.passes`` (the ``passes/`` folder) registers
@@ -63,6 +65,8 @@ class Pass:
     exact: ClassVar[bool] = True
     Options: ClassVar[type] = NoOptions
     run_after: ClassVar[tuple[str, ...]] = ()
+    run_before: ClassVar[tuple[str, ...]] = ()
+    in_default_pipeline: ClassVar[bool] = True
 
     def __init__(self, **options: Any):
         known = {f.name: f for f in dataclasses.fields(self.Options)}

@@ -12,7 +12,7 @@ Contracts it enforces:
   warning that names it;
 * a pass that raises is reported with its name and the node it failed on, and the
   pipeline continues with the graph from before it (``fail_fast=True`` re-raises);
-* passes that declare ``run_after`` constraints are checked against the given order.
+* the given order is checked against every pass's ``run_after`` and ``run_before``.
 
 Rolling back needs the graph from before the pass. Passes never modify constants in
 place (they register new ones), so a snapshot copies the graph and shares the tensors.
@@ -70,12 +70,22 @@ def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
     return copy
 
 
+def order_constraints(passes: Sequence[Pass | type[Pass]]) -> list[tuple[str, str, str]]:
+    """``(earlier, later, declared_by)`` for every constraint among ``passes``."""
+    names = {p.name for p in passes}
+    pairs = []
+    for p in passes:
+        pairs += [(earlier, p.name, p.name) for earlier in p.run_after if earlier in names]
+        pairs += [(p.name, later, p.name) for later in p.run_before if later in names]
+    return pairs
+
+
 def check_order(passes: Sequence[Pass]) -> None:
     position = {p.name: i for i, p in enumerate(passes)}
-    for i, p in enumerate(passes):
-        for earlier in p.run_after:
-            if earlier in position and position[earlier] > i:
-                raise PassOrderError(f"pass '{p.name}' must run after '{earlier}'; reorder the list")
+    for earlier, later, declared_by in order_constraints(passes):
+        if position[earlier] > position[later]:
+            rule = f"after '{earlier}'" if declared_by == later else f"before '{later}'"
+            raise PassOrderError(f"pass '{declared_by}' must run {rule}; reorder the list")
 
 
 class PassManager:

@@ -43,6 +43,10 @@ def regions(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if is_region(n)]
 
 
+def has_regions(gm: fx.GraphModule) -> bool:
+    return any(is_region(n) for n in gm.graph.nodes)
+
+
 def region_module(gm: fx.GraphModule, node: fx.Node) -> fx.GraphModule:
     return gm.get_submodule(node.target)
 

@@ -34,6 +34,18 @@ class PassRecord:
         self.nodes_after = len(gm.graph.nodes)
         self.ops_after = ir.op_counts(gm)
 
+    def left_alone(self) -> list[tuple[str, int, list[str]]]:
+        """``(reason, count, first nodes)`` for every kind of near miss, most frequent first."""
+        misses = self.stats.get("near_misses") or []
+        by_reason: dict[str, list] = {}
+        for miss in misses:
+            by_reason.setdefault(f"{miss.rule}: {miss.reason}", []).append(miss)
+        if not by_reason:  # passes that count reasons without recording nodes
+            return [(reason, count, []) for reason, count in
+                    sorted((self.stats.get("missed") or {}).items(), key=lambda kv: -kv[1])]
+        return [(reason, len(items), [f"%{m.node}" + (f" ({m.source})" if m.source else "") for m in items[:3]])
+                for reason, items in sorted(by_reason.items(), key=lambda kv: -len(kv[1]))]
+
     def op_changes(self) -> dict[str, tuple[int, int]]:
         """Ops whose count changed: ``{op: (before, after)}``."""
         names = sorted(set(self.ops_before) | set(self.ops_after))
@@ -93,7 +105,27 @@ class Report:
         for r in self.records:
             if r.message:
                 console.print(f"{r.name}: {r.message}")
+        for r in self.records:
+            left = r.left_alone()
+            if left:
+                console.print(f"{r.name}: left alone")
+                for reason, count, nodes in left[:8]:
+                    at = f" at {', '.join(nodes)}" + (", ..." if count > len(nodes) and nodes else "") if nodes else ""
+                    console.print(f"  {count} x {reason}{at}")
+                if len(left) > 8:
+                    console.print(f"  ... {len(left) - 8} more reasons (optcc dump --explain lists every one)")
         return buf.getvalue().rstrip()
+
+    def explain(self) -> str:
+        """Every near miss of every pass, one a line, with its node and source line."""
+        lines = []
+        for r in self.records:
+            misses = r.stats.get("near_misses") or []
+            lines.append(f"{r.name}: {r.matches} rewrite(s), {len(misses)} near miss(es)")
+            lines += [f"  {miss}" for miss in misses]
+            if not misses and r.stats.get("missed"):
+                lines += [f"  {count} x {reason}" for reason, count in r.stats["missed"].items()]
+        return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.render()

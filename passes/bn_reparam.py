@@ -231,6 +231,7 @@ class BatchNormReparam(Pass):
 
     name = "bn_reparam"
     exact = True
+    run_before = ("block_fusion",)  # its regions would hide the conv/linear + BatchNorm pairs
 
     @dataclass
     class Options:

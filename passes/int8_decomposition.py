@@ -169,6 +169,7 @@ class Int8Decomposition(Pass):
     name = "int8_decomposition"
     exact = False
     run_after = ("bn_reparam",)
+    run_before = ("block_fusion",)  # its regions would hide the linears
 
     @dataclass
     class Options:

@@ -1,4 +1,8 @@
-"""Fused regions for the lowering: which ops share one kernel.
+"""Region formation, the lowering's first step: which ops share one kernel.
+
+It runs once every rewrite the user selected is done (``target="triton"``, ``optcc dump
+--format triton``, or the ``block_fusion`` pass for a graph that shows its regions), so
+no pass ever has to look inside a region.
 
 Every region has one *iteration space* a kernel can walk once, and keeps its
 intermediates in registers: a value leaves the region only if a node outside reads it.
