@@ -1,0 +1,65 @@
+"""Writing ONNX: a compiled model's rewritten graph through ``torch.onnx.export``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .common import OnnxError, first_line, require_onnx
+
+# ----------------------------------------------------------------------------------------
+# Writing
+
+
+def _inputs_from_placeholders(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
+    inputs = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise OnnxError(f"input '{node.name}' of the graph has no recorded shape; pass example_inputs")
+        shape = [int(s) for s in val.shape]
+        inputs.append(torch.randn(shape, dtype=val.dtype) if val.dtype.is_floating_point
+                      else torch.ones(shape, dtype=val.dtype))
+    return tuple(inputs)
+
+
+def export_onnx(model: Any, path: str | Path, example_inputs: Any = None) -> Path:
+    """Write ``model`` to ``path`` as ONNX and validate the file with ``onnx.checker``.
+
+    ``model`` is what ``optcc.compile`` returned (its latest specialisation's rewritten
+    graph is written), a canonical ``GraphModule`` (inputs default to random ones of its
+    recorded shapes), or any ``nn.Module`` with ``example_inputs``.
+    """
+    from optcc.compile import OptimizedModule
+
+    onnx = require_onnx()
+    if isinstance(model, OptimizedModule):
+        if model.graph_module is None:
+            raise OnnxError("the compiled module runs its model eagerly (capture failed): nothing to export")
+        model = model.graph_module
+    if isinstance(model, fx.GraphModule) and example_inputs is None:
+        example_inputs = _inputs_from_placeholders(model)
+    if example_inputs is None:
+        raise OnnxError("export_onnx needs example_inputs for a module that optcc did not compile")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, tuple(example_inputs), dynamo=True, optimize=False,
+                                        verbose=False, report=False)
+            program.save(str(path))
+    except Exception as exc:
+        raise OnnxError(f"torch.onnx.export could not write the model: {type(exc).__name__}: "
+                        f"{first_line(exc)}") from exc
+    onnx.checker.check_model(onnx.load(str(path)))
+    return path
