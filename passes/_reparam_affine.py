@@ -594,9 +594,9 @@ class RepBatchNorm(Rule):
                 # x = U(x0) and the sum is read through V, with V(U(.)) the identity
                 # (transpose -> RepBN -> transpose): work on x0 and replace V's output.
                 x0, out, before = _widen(x, node)
-                before = before + before_bn
+                before = before_bn + before  # BN input -> x, then x -> x0
                 d = 1
-                for v in before:  # bn input dim 1 -> dim of x0
+                for v in before:  # BN input dim 1 -> dim of x0, nearest the BN first
                     d = _map_dim(v, d, upward=True)
                     if isinstance(d, str):
                         return NoMatch(d)

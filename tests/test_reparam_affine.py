@@ -232,6 +232,36 @@ def test_scale_before_padded_conv_folds():
     assert n_affine(gm) == 0 and error <= 1e-5
 
 
+class RepBNOverWidth(nn.Module):
+    """RepBN whose BatchNorm reads a permute of ``x`` while ``x`` is itself a permute of the
+    conv output: BN's channel is followed through both chains, nearest the BN first. It
+    normalizes the width, which has the channels' size, so the wrong order folded s and t
+    along the channels and gave a wrong output without an error."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 1)
+        self.bn = nn.BatchNorm2d(5)
+        self.alpha = nn.Parameter(torch.tensor([0.7]))
+
+    def forward(self, x):
+        x0 = self.conv(x)
+        x = x0.permute(0, 2, 3, 1)                                   # [B, H, W, C]
+        y = self.bn(x.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)       # BN over W
+        return (y + self.alpha * x).permute(0, 3, 1, 2)
+
+
+def test_rep_bn_follows_the_channel_through_both_view_chains():
+    model = randomize_bn(RepBNOverWidth()).eval()
+    inputs = (torch.randn(2, 3, 4, 5),)
+    gm = optcc.capture(model, inputs)
+    gm, report = optcc.PassManager(["bn_reparam"], verify=False, example_inputs=inputs).run(gm)
+    assert report["bn_reparam"].stats["rules"].get("rep_bn") == 1
+    assert count(gm, BN_OP) == 0
+    with torch.no_grad():
+        assert torch.allclose(gm(*inputs)[0], model(*inputs), atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------
 # Real models: timm LeViT / EfficientViT (MSRA), random weights and BN statistics.
 
