@@ -1,4 +1,4 @@
-"""Differential fuzzing of the exact passes against eager PyTorch (optcc/testing/fuzz.py).
+"""Differential fuzzing of the exact passes against eager PyTorch (optcc/testing/fuzz/).
 
 Every registered exact pass alone, and the default exact pipeline, must reproduce eager
 outputs (relative error <= 1e-5 in fp32) on random small models, with verification off so

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
 
 import optcc
 from optcc.pass_base import make_pass
@@ -121,8 +122,23 @@ def test_a_wrong_pass_is_caught(monkeypatch, factor):
             conv.replace_input_with(conv.args[1], new)
             return optcc.PassResult(gm, True, {"matches": 1})
 
-    monkeypatch.setattr(fuzz, "registered_passes", lambda: {"scale_first_conv_for_test": ScaleFirstConv})
-    monkeypatch.setattr(fuzz, "default_passes", lambda: [ScaleFirstConv()])
+    monkeypatch.setattr(fuzz.oracle, "registered_passes", lambda: {"scale_first_conv_for_test": ScaleFirstConv})
+    monkeypatch.setattr(fuzz.oracle, "default_passes", lambda: [ScaleFirstConv()])
     model, inputs = build_model(SPECS["conv_bn_act"])
     problems, _ = fuzz.differential_check(model, inputs)
     assert len(problems) == 1 and "scale_first_conv_for_test: outputs differ from eager" in problems[0]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(fuzz.model_specs())
+def test_every_block_knows_its_output_shape(spec):
+    """The shape each vocabulary class predicts is the shape its module returns."""
+    model, (x,) = build_model(spec)
+    domain, shape = fuzz.vocabulary.input_domain(spec.input_shape), tuple(spec.input_shape[1:])
+    with torch.no_grad():
+        for b, layer in zip(spec.blocks, model.layers):
+            kind = fuzz.vocabulary.vocabulary_block(domain, b.kind)
+            assert isinstance(layer, fuzz.VocabularyBlock) and layer.kind == b.kind
+            x = layer(x)
+            shape, domain = kind.output_shape(b, shape), kind.output_domain or domain
+            assert tuple(x.shape[1:]) == shape, (b, shape)
