@@ -36,6 +36,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from optcc import graph_utils as gu
 from optcc.ir import op_name
 from optcc.regions import RegionInfo, can_fuse, finish, fuse_region
 
@@ -47,14 +48,9 @@ _EXTRA_POINTWISE = {aten.hardswish.default}
 _NOT_POINTWISE = {aten.clone.default}
 
 
-def _val(node) -> torch.Tensor | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return val if isinstance(val, torch.Tensor) else None
-
-
 def _shape(node) -> tuple | None:
-    val = _val(node)
-    return tuple(val.shape) if val is not None else None
+    # SymInt sizes as they are: region formation only compares shapes, it never needs ints
+    return gu.shape(node, symbolic=True)
 
 
 def is_pointwise(node: fx.Node) -> bool:
@@ -63,7 +59,7 @@ def is_pointwise(node: fx.Node) -> bool:
         return False
     if target in _NOT_POINTWISE or torch.Tag.nondeterministic_seeded in target.tags:
         return False
-    return (torch.Tag.pointwise in target.tags or target in _EXTRA_POINTWISE) and _val(node) is not None
+    return (torch.Tag.pointwise in target.tags or target in _EXTRA_POINTWISE) and gu.val(node) is not None
 
 
 def _last_dim_only(dims, rank: int) -> bool:
@@ -87,15 +83,7 @@ def is_row_reduction(node: fx.Node) -> bool:
 
 
 def _broadcasts_to(node, shape: tuple) -> bool:
-    if not isinstance(node, fx.Node):
-        return True  # a Python scalar
-    own = _shape(node)
-    if own is None:
-        return False
-    try:
-        return tuple(torch.broadcast_shapes(own, shape)) == tuple(shape)
-    except RuntimeError:
-        return False
+    return not isinstance(node, fx.Node) or gu.broadcasts_to(node, shape, symbolic=True)  # a Python scalar does
 
 
 class RegionBuilder:
@@ -113,7 +101,7 @@ class RegionBuilder:
         chain, residual_used = [], False
         while len(tail.users) == 1:
             user = next(iter(tail.users))
-            if not (self._free(user) and is_pointwise(user)) or _shape(user) != shape or _val(user).dtype != dtype:
+            if not (self._free(user) and is_pointwise(user)) or _shape(user) != shape or gu.val(user).dtype != dtype:
                 break
             others = [a for a in user.all_input_nodes if a is not tail]
             if tail not in user.all_input_nodes or not all(_broadcasts_to(a, shape) for a in others):
@@ -129,13 +117,13 @@ class RegionBuilder:
 
     def _prologue(self, reduction: fx.Node, limit: int = 8) -> list[fx.Node]:
         rows = _shape(reduction.args[0])
-        dtype = _val(reduction.args[0]).dtype
+        dtype = gu.val(reduction.args[0]).dtype
         found, frontier = [], [reduction.args[0]]
         while frontier and len(found) < limit:
             node = frontier.pop()
             if not self._free(node) or node in found or not is_pointwise(node):
                 continue
-            if _shape(node) != rows or _val(node).dtype != dtype:
+            if _shape(node) != rows or gu.val(node).dtype != dtype:
                 continue
             if not all(_broadcasts_to(a, rows) for a in node.all_input_nodes):
                 continue
@@ -157,13 +145,13 @@ class RegionBuilder:
     def build(self) -> None:
         nodes = list(self.gm.graph.nodes)
         for node in nodes:
-            if node.target in GEMM and self._free(node) and _val(node) is not None:
-                epilogue = self._epilogue(node, _shape(node), _val(node).dtype)
+            if node.target in GEMM and self._free(node) and gu.val(node) is not None:
+                epilogue = self._epilogue(node, _shape(node), gu.val(node).dtype)
                 self._add([node, *epilogue], RegionInfo("gemm", op_name(node)))
         for node in nodes:
             if self._free(node) and is_row_reduction(node):
                 prologue = self._prologue(node)
-                out = _val(node)
+                out = gu.val(node)
                 epilogue = self._epilogue(node, tuple(out.shape), out.dtype) if out is not None else []
                 group = [*prologue, node, *epilogue]
                 if not self._add(group, RegionInfo("reduction", op_name(node))) and prologue:

@@ -7,9 +7,13 @@ reads values and shapes too, and ``optcc.lowering`` must not import ``optcc.pass
 Values (``node.meta["val"]``, a FakeTensor; see :mod:`optcc.ir`)
     ``val(node)``    the tensor, or None for a Python number, a non-tensor node (BatchNorm's
                      tuple, a SymInt) or a node without meta;
-    ``shape(node)``  its sizes as a tuple of ints, None when unknown or symbolic (a symbolic
-                     size is never specialised here; ``symbolic=True`` returns SymInts as
-                     they are); ``dtype(node)``, ``rank(node)``;
+    ``shape(node)``  its sizes as a tuple of ints, None when unknown; ``symbolic=True``
+                     returns SymInts as they are. The canonical IR is static, but a
+                     constant added by a pass (``ir.add_constant``) gets a fake value with
+                     symbolic sizes backed by the real ones until the pass manager
+                     re-derives shapes: those are read as their ints (torch specialises
+                     them); a size with no value (unbacked) gives None.
+    ``dtype(node)``, ``rank(node)``;
     ``broadcasts_to(node, shape)``  its shape broadcasts to ``shape`` without growing it;
     ``same_type(a, b)``  both are tensors of one shape and dtype.
 
@@ -115,12 +119,22 @@ def val(node: Any) -> torch.Tensor | None:
 
 
 def shape(node: Any, *, symbolic: bool = False) -> tuple | None:
-    """The static sizes of ``node``'s tensor; None when unknown or symbolic (with
-    ``symbolic=True`` symbolic sizes are returned as they are, SymInts)."""
+    """The sizes of ``node``'s tensor as ints; None when unknown or not known as numbers
+    (with ``symbolic=True`` the sizes as they are, SymInts included)."""
     value = val(node)
-    if value is None or not (symbolic or all(isinstance(d, int) for d in value.shape)):
+    if value is None:
         return None
-    return tuple(value.shape)
+    if symbolic:
+        return tuple(value.shape)
+    sizes = []
+    for d in value.shape:
+        if not isinstance(d, int):
+            try:
+                d = int(d)  # a SymInt with a hint (see the module docstring)
+            except (TypeError, ValueError, RuntimeError):
+                return None
+        sizes.append(d)
+    return tuple(sizes)
 
 
 def dtype(node: Any) -> torch.dtype | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from . import graph_utils as gu
 from .pass_manager import snapshot
 
 aten = torch.ops.aten
@@ -57,15 +58,9 @@ def _returns_fresh_tensor(node: fx.Node) -> bool:
     return len(returns) == 1 and returns[0].alias_info is None and not node.target._schema.is_mutable
 
 
-def _same_type(a: fx.Node, b: fx.Node) -> bool:
-    va, vb = a.meta.get("val"), b.meta.get("val")
-    return (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)
-            and va.shape == vb.shape and va.dtype == vb.dtype)
-
-
 def _overwritable(node: fx.Node, operand, others: tuple, fresh: set) -> bool:
     return (isinstance(operand, fx.Node) and (operand in fresh or _returns_fresh_tensor(operand))
-            and len(operand.users) == 1 and operand not in others and _same_type(operand, node))
+            and len(operand.users) == 1 and operand not in others and gu.same_type(operand, node))
 
 
 def reinplace(gm: fx.GraphModule) -> tuple[fx.GraphModule, int]:

@@ -37,12 +37,12 @@ of floating-point accumulation inside the kernel).
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
+from optcc import graph_utils as gu
 from optcc.ir import get_constant, insert_call, op_name
 from optcc.rewrite import NOT_ANCHOR, Match, NoMatch, Rule
 
@@ -52,6 +52,10 @@ SOFTMAX = aten.softmax.int
 BMM = aten.bmm.default
 
 # Data-movement ops: how each one maps an index-label tensor (see the module docstring).
+# optcc.graph_utils' walker collects the chains; whether a chain as a whole is a batch
+# flatten of its source is a question about every index at once (a layout), not about one
+# dim, so it is answered by replaying labels. ``view`` here, unlike a reshape, fails where
+# the labels would have to be copied: such a chain is not a view of the source.
 _MOVE: dict[Any, Callable[[torch.Tensor, fx.Node], torch.Tensor]] = {
     aten.view.default: lambda t, n: t.view(n.args[1]),
     aten._unsafe_view.default: lambda t, n: t.view(n.args[1]),
@@ -67,13 +71,6 @@ _MOVE: dict[Any, Callable[[torch.Tensor, fx.Node], torch.Tensor]] = {
     aten.alias.default: lambda t, n: t,
 }
 _SCALE_OPS = {aten.mul.Tensor: lambda c: c, aten.div.Tensor: lambda c: 1.0 / c}
-
-
-def _shape(node: Any) -> tuple[int, ...] | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape):
-        return None
-    return tuple(val.shape)
 
 
 def _labels(shape: tuple[int, ...]) -> torch.Tensor:
@@ -100,9 +97,10 @@ def _same_labels(a: torch.Tensor | None, b: torch.Tensor) -> bool:
 
 def _scalar_factor(node: fx.Node) -> float | None:
     """``c`` when ``node`` is ``x * c`` or ``x / c`` with a Python number ``c``."""
-    if node.target in _SCALE_OPS and len(node.args) == 2 and isinstance(node.args[1], numbers.Real):
-        if not isinstance(node.args[1], bool) and node.args[1] != 0:
-            return _SCALE_OPS[node.target](float(node.args[1]))
+    if node.target in _SCALE_OPS and len(node.args) == 2:
+        c = gu.number(node.args[1])
+        if c is not None and c != 0:
+            return _SCALE_OPS[node.target](c)
     return None
 
 
@@ -114,60 +112,23 @@ def find_source(
 ) -> tuple[fx.Node, float] | None:
     """The node furthest up ``operand``'s data-movement chain of shape ``want`` with
     ``operand == factor * relate(node)`` exactly; returns ``(node, factor)``."""
-    chain, factor, best = [], 1.0, None
-    node = operand
-    while isinstance(node, fx.Node):
-        chain.append((node, factor))
-        c = _scalar_factor(node) if allow_scale else None
-        if node.target in _MOVE:
-            node = node.args[0]
-        elif c is not None:
+
+    def passable(node: fx.Node) -> bool:
+        return node.target in _MOVE or (allow_scale and _scalar_factor(node) is not None)
+
+    lineage = gu.walk_up(operand, through=passable).lineage  # operand first
+    factor, best = 1.0, None
+    for i, candidate in enumerate(lineage):
+        if gu.shape(candidate) == want and _same_labels(_replay(lineage[:i][::-1], want), relate(_labels(want))):
+            best = (candidate, factor)
+        c = _scalar_factor(candidate) if allow_scale and candidate.target not in _MOVE else None
+        if c is not None:
             factor *= c
-            node = node.args[0]
-        else:
-            break
-    for i, (candidate, candidate_factor) in enumerate(chain):
-        if _shape(candidate) != want:
-            continue
-        path = [n for n, _ in reversed(chain[:i])]
-        if _same_labels(_replay(path, want), relate(_labels(want))):
-            best = (candidate, candidate_factor)
     return best
-
-
-def _follow(node: fx.Node, allowed: Callable[[fx.Node], bool]) -> list[fx.Node]:
-    """The chain of single users of ``node`` that satisfy ``allowed`` (``node`` excluded)."""
-    chain = []
-    while len(node.users) == 1 and allowed(next(iter(node.users))):
-        node = next(iter(node.users))
-        chain.append(node)
-    return chain
 
 
 def _is_move(node: fx.Node) -> bool:
     return node.target in _MOVE
-
-
-def _fill_value(gm: fx.GraphModule, node: Any) -> float | None:
-    if isinstance(node, numbers.Real) and not isinstance(node, bool):
-        return float(node)
-    if isinstance(node, fx.Node):
-        if node.target is aten.scalar_tensor.default and isinstance(node.args[0], numbers.Real):
-            return float(node.args[0])
-        const = get_constant(gm, node)
-        if const is not None and const.numel() == 1:
-            return float(const.reshape(()))
-    return None
-
-
-def _broadcasts_to(node: fx.Node, shape: tuple[int, ...]) -> bool:
-    mask_shape = _shape(node)
-    if mask_shape is None:
-        return False
-    try:
-        return torch.broadcast_shapes(mask_shape, shape) == torch.Size(shape)
-    except RuntimeError:
-        return False
 
 
 class AttentionFromMatmuls(Rule):
@@ -185,16 +146,14 @@ class AttentionFromMatmuls(Rule):
             node = self._score_input(gm, node)
             if node is None:
                 return NoMatch(f"{op_name(ops[-1])} between the scores and the softmax")
-        moves = []
-        while isinstance(node, fx.Node) and _is_move(node):
-            moves.append(node)
-            node = node.args[0]
+        walk = gu.walk_up(node, through=_MOVE) if isinstance(node, fx.Node) else None
+        moves, node = (walk.chain, walk.node) if walk else ([], node)
         if not isinstance(node, fx.Node) or node.target is not BMM:
             return NOT_ANCHOR  # a softmax that is not attention
         scores_mm = node
         scores = moves[0] if moves else scores_mm
-        shape = _shape(scores)
-        mm_shape = _shape(scores_mm)
+        shape = gu.shape(scores)
+        mm_shape = gu.shape(scores_mm)
         if shape is None or mm_shape is None:
             return NoMatch("symbolic or unknown shapes")
         dim = softmax.args[1] % len(shape)
@@ -225,7 +184,7 @@ class AttentionFromMatmuls(Rule):
                 return mask
 
         # From the probabilities to the second bmm.
-        p_moves = _follow(softmax, _is_move)
+        p_moves = gu.walk_down(softmax, through=_MOVE).chain
         if len(softmax.users) != 1:
             return NoMatch("the attention probabilities are used elsewhere")
         last = p_moves[-1] if p_moves else softmax
@@ -239,19 +198,19 @@ class AttentionFromMatmuls(Rule):
 
         batch = shape[:-2]
         q_arg, kt_arg, v_arg = scores_mm.args[0], scores_mm.args[1], out_mm.args[1]
-        head_dim = _shape(q_arg)[-1]
-        value_dim = _shape(out_mm)[-1]
+        head_dim = gu.shape(q_arg)[-1]
+        value_dim = gu.shape(out_mm)[-1]
         q = find_source(q_arg, (*batch, length, head_dim), lambda t: t.reshape(bh, length, head_dim), True)
         k = find_source(
             kt_arg, (*batch, keys, head_dim), lambda t: t.reshape(bh, keys, head_dim).transpose(1, 2), True
         )
         v = find_source(v_arg, (*batch, keys, value_dim), lambda t: t.reshape(bh, keys, value_dim), False)
 
-        out_moves = _follow(out_mm, _is_move)
+        out_moves = gu.walk_down(out_mm, through=_MOVE).chain
         out_shape = (*batch, length, value_dim)
         replaced = out_mm
         for i, n in enumerate(out_moves):
-            if _shape(n) == out_shape and _same_labels(
+            if gu.shape(n) == out_shape and _same_labels(
                 _replay(out_moves[: i + 1], (bh, length, value_dim)), _labels((bh, length, value_dim)).reshape(out_shape)
             ):
                 replaced = n
@@ -272,9 +231,9 @@ class AttentionFromMatmuls(Rule):
             return a if _reaches_bmm(a) else b
         if op.target is aten.where.self:
             _, x, y = op.args
-            if _fill_value(gm, x) is not None and isinstance(y, fx.Node):
+            if gu.scalar_value(gm, x) is not None and isinstance(y, fx.Node):
                 return y
-            if _fill_value(gm, y) is not None and isinstance(x, fx.Node):
+            if gu.scalar_value(gm, y) is not None and isinstance(x, fx.Node):
                 return x
         return None
 
@@ -284,15 +243,15 @@ class AttentionFromMatmuls(Rule):
         if op.target is aten.add.Tensor:
             a, b = op.args[:2]
             mask = b if _reaches_bmm(a) else a
-            if not _broadcasts_to(mask, shape):
+            if not gu.broadcasts_to(mask, shape):
                 return NoMatch("the mask does not broadcast to the scores")
             if mask.meta["val"].dtype != scores.meta["val"].dtype:
                 return NoMatch("the additive mask has another dtype than the scores")
             return ("add", mask)
         cond, x, y = op.args
-        keep = _fill_value(gm, x) is None  # where(C, scores, f) keeps the scores where C holds
-        fill = _fill_value(gm, y if keep else x)
-        if not isinstance(cond, fx.Node) or cond.meta["val"].dtype != torch.bool or not _broadcasts_to(cond, shape):
+        keep = gu.scalar_value(gm, x) is None  # where(C, scores, f) keeps the scores where C holds
+        fill = gu.scalar_value(gm, y if keep else x)
+        if not isinstance(cond, fx.Node) or cond.meta["val"].dtype != torch.bool or not gu.broadcasts_to(cond, shape):
             return NoMatch("the masked_fill condition does not broadcast to the scores")
         return ("fill", cond, fill, keep)
 
@@ -308,7 +267,7 @@ class AttentionFromMatmuls(Rule):
                 if found is not None:
                     return found
                 node = insert_call(graph, aten.transpose.int, (arg, 1, 2)) if transpose else arg
-                if _shape(node) != want:
+                if gu.shape(node) != want:
                     node = insert_call(graph, aten.reshape.default, (node, list(want)))
                 return node, 1.0
 
@@ -337,8 +296,8 @@ class AttentionFromMatmuls(Rule):
                 # softmax of a row of -inf is NaN in the original; SDPA returns 0 there.
                 nan = insert_call(graph, aten.scalar_tensor.default, (math.nan,), {"dtype": dtype})
                 out = insert_call(graph, aten.where.self, (all_masked, nan, out))
-            if _shape(replaced) != _shape(out):
-                out = insert_call(graph, aten.reshape.default, (out, list(_shape(replaced))))
+            if gu.shape(replaced) != gu.shape(out):
+                out = insert_call(graph, aten.reshape.default, (out, list(gu.shape(replaced))))
         replaced.replace_all_uses_with(out)
 
 
@@ -453,7 +412,7 @@ class CanonicalSDPA(Rule):
         attn_mask = _argument(node, 3, "attn_mask", None)
         dropout_p = _argument(node, 4, "dropout_p", 0.0)
         is_causal = _argument(node, 5, "is_causal", False)
-        q_shape, k_shape = _shape(args[0]), _shape(args[1])
+        q_shape, k_shape = gu.shape(args[0]), gu.shape(args[1])
         if q_shape is None or k_shape is None:
             return NoMatch("symbolic or unknown shapes")
         scale = node.kwargs.get("scale")

@@ -54,7 +54,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from optcc.ir import add_constant, get_constant
+from optcc import graph_utils as gu
+from optcc.ir import add_constant
 from optcc.rewrite import NOT_ANCHOR, Match, NoMatch, Rule
 
 from ._batchnorm import BATCH_NORM, bn_affine, bn_output
@@ -68,40 +69,29 @@ ADD = (aten.add.Tensor, aten.add.Scalar)
 SUB = (aten.sub.Tensor, aten.sub.Scalar)
 DIV = (aten.div.Tensor, aten.div.Scalar)
 AFFINE_OPS = MUL + ADD + SUB + DIV
-PERMUTES = (aten.permute.default, aten.transpose.int)
-VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-TRANSPARENT = PERMUTES + VIEWS
+# The views the rules see through: an elementwise map commutes with them once the channel
+# is followed (optcc.graph_utils' walker; clone, squeeze, expand, ... end a chain here).
+TRANSPARENT = gu.PERMUTES + gu.VIEWS
+SPLITS_CHANNELS = "a reshape splits or merges the channel dimension"
 
 
 # ----------------------------------------------------------------------------------------
 # Reading the graph
 
 
-def _val(node: Any) -> torch.Tensor | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return val if isinstance(val, torch.Tensor) else None
+def _reason(stop: gu.Stop) -> str:
+    """The near miss of a walk that could not follow the channel through ``stop.node``."""
+    return "unknown shapes" if stop.kind == "unknown" else SPLITS_CHANNELS
 
 
-def _shape(node: Any) -> tuple[int, ...] | None:
-    val = _val(node)
-    if val is None:
-        return None
-    try:
-        return tuple(int(d) for d in val.shape)
-    except (TypeError, ValueError):  # symbolic sizes
-        return None
+def _up(node: fx.Node, d: int | None) -> gu.Walk:
+    """From ``node`` up through single-user permutes/views (the values a fold removes)."""
+    return gu.walk_up(node, d, through=TRANSPARENT, single_user=True)
 
 
-def _constant(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
-    """A Python number or frozen tensor as a float64 tensor, else None."""
-    if isinstance(arg, bool):
-        return None
-    if isinstance(arg, (int, float)):
-        return torch.tensor(float(arg), dtype=torch.float64)
-    tensor = get_constant(gm, arg)
-    if tensor is None or not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
-        return None
-    return tensor.double()
+def _down(node: fx.Node, d: int | None) -> gu.Walk:
+    """From ``node`` down to its single consumer through single-user permutes/views."""
+    return gu.walk_down(node, d, through=TRANSPARENT)
 
 
 def _as_affine(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor, torch.Tensor] | str | None:
@@ -109,7 +99,7 @@ def _as_affine(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, torch.Tensor
     if node.op != "call_function" or node.target not in AFFINE_OPS or len(node.args) < 2:
         return None
     a, b = node.args[0], node.args[1]
-    ca, cb = _constant(gm, a), _constant(gm, b)
+    ca, cb = gu.constant64(gm, a), gu.constant64(gm, b)
     if (ca is None) == (cb is None):
         return "the other operand is not a constant" if ca is None else None
     x, c = (b, ca) if ca is not None else (a, cb)
@@ -147,75 +137,13 @@ def _channel_vector(c: torch.Tensor, shape: tuple[int, ...]) -> tuple[int | None
     return d, c.reshape(-1)
 
 
-def _map_dim(node: fx.Node, d: int | None, upward: bool) -> int | None | str:
-    """Follow dim ``d`` through a permute/view node (output -> input when ``upward``)."""
-    if d is None:
-        return None
-    in_shape, out_shape = _shape(node.args[0]), _shape(node)
-    if in_shape is None or out_shape is None:
-        return "unknown shapes"
-    if node.target in PERMUTES:
-        if node.target is aten.transpose.int:
-            rank = len(in_shape)
-            i, j = node.args[1] % rank, node.args[2] % rank
-            perm = list(range(rank))
-            perm[i], perm[j] = perm[j], perm[i]
-        else:
-            perm = [p % len(in_shape) for p in node.args[1]]
-        return perm[d] if upward else perm.index(d)
-    # view: dim d keeps its meaning when it has the same size and the same number of
-    # elements before it on both sides (row-major order).
-    src, dst = (out_shape, in_shape) if upward else (in_shape, out_shape)
-    before = 1
-    for n in src[:d]:
-        before *= n
-    acc = 1
-    for e, n in enumerate(dst):
-        if acc == before and n == src[d]:
-            return e
-        acc *= n
-        if acc > before:
-            break
-    return SPLITS_CHANNELS
-
-
 def _channel_dim(op: fx.Node, *, output: bool) -> int | None:
-    shape = _shape(op) if output else _shape(op.args[0])
+    shape = gu.shape(op) if output else gu.shape(op.args[0])
     if shape is None:
         return None
     if op.target is LINEAR:
         return len(shape) - 1
     return 1
-
-
-def _trace_up(node: fx.Node, d: int | None) -> tuple[fx.Node, int | None, list[fx.Node]] | str:
-    """Walk from ``node`` up through single-user permutes/views: (first other node, dim, chain)."""
-    chain: list[fx.Node] = []
-    while node.op == "call_function" and node.target in TRANSPARENT and len(node.users) == 1:
-        d = _map_dim(node, d, upward=True)
-        if isinstance(d, str):
-            return d
-        chain.append(node)
-        node = node.args[0]
-    return node, d, chain
-
-
-def _trace_down(node: fx.Node, d: int | None) -> tuple[fx.Node, int | None, list[fx.Node]] | str | None:
-    """Walk from ``node`` down to its single consumer through single-user permutes/views."""
-    chain: list[fx.Node] = []
-    while True:
-        users = list(node.users)
-        if len(users) != 1:
-            return None
-        user = users[0]
-        if user.op == "call_function" and user.target in TRANSPARENT and user.args[0] is node:
-            d = _map_dim(user, d, upward=False)
-            if isinstance(d, str):
-                return d
-            chain.append(user)
-            node = user
-            continue
-        return user, d, chain
 
 
 # ----------------------------------------------------------------------------------------
@@ -304,11 +232,6 @@ def _is_op(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (CONV, LINEAR)
 
 
-def _same_type(a: fx.Node, b: fx.Node) -> bool:
-    va, vb = _val(a), _val(b)
-    return va is not None and vb is not None and va.dtype == vb.dtype and tuple(va.shape) == tuple(vb.shape)
-
-
 # ----------------------------------------------------------------------------------------
 # Rules
 
@@ -345,20 +268,19 @@ class AffineIntoProducer(Rule):
             direct = [a for a in node.args[:2] if _is_op(a) and len(a.users) == 1]
             return NoMatch(affine) if direct and node.target in MUL else NOT_ANCHOR
         x, s, t = affine
-        found = _trace_up(x, None)
-        if isinstance(found, str) or not _is_op(found[0]):
+        op = _up(x, None).node
+        if not _is_op(op):
             return NOT_ANCHOR
-        op, _, chain = found
-        if not _same_type(node, x):
+        if not gu.same_type(node, x):
             return NoMatch("the constant changes the output's shape or dtype")
-        per_channel = _per_channel(s, t, _shape(x))
+        per_channel = _per_channel(s, t, gu.shape(x))
         if isinstance(per_channel, str):
             return NoMatch(per_channel)
         d, s, t = per_channel
-        traced = _trace_up(x, d)
-        if isinstance(traced, str):
-            return NoMatch(traced)
-        reason = _check_producer(gm, op, traced[1])
+        traced = _up(x, d)
+        if traced.stop:
+            return NoMatch(_reason(traced.stop))
+        reason = _check_producer(gm, op, traced.dim)
         if reason:
             return NoMatch(reason)
         return Match(nodes={"anchor": node, "x": x, "op": op}, values={"s": s, "t": t})
@@ -378,22 +300,21 @@ class AffineIntoConsumer(Rule):
         if affine is None or isinstance(affine, str):
             return NOT_ANCHOR
         x, s, t = affine
-        found = _trace_down(node, None)
-        if found is None or isinstance(found, str) or not _is_op(found[0]):
+        found = _down(node, None)
+        if not _is_op(found.node):
             return NOT_ANCHOR
-        op, _, chain = found
-        if not _same_type(node, x):
+        op = found.node
+        if not gu.same_type(node, x):
             return NoMatch("the constant changes the output's shape or dtype")
-        per_channel = _per_channel(s, t, _shape(node))
+        per_channel = _per_channel(s, t, gu.shape(node))
         if isinstance(per_channel, str):
             return NoMatch(per_channel)
         d, s, t = per_channel
-        traced = _trace_down(node, d)
-        if isinstance(traced, str):
-            return NoMatch(traced)
-        data = chain[-1] if chain else node
+        traced = _down(node, d)
+        if traced.stop:
+            return NoMatch(_reason(traced.stop))
         shifts = bool((t != 0).any())
-        reason = _check_consumer(gm, op, data, traced[1], shifts)
+        reason = _check_consumer(gm, op, found.value, traced.dim, shifts)
         if reason:
             return NoMatch(reason)
         return Match(nodes={"anchor": node, "x": x, "op": op}, values={"s": s, "t": t})
@@ -416,11 +337,11 @@ class TokenBatchNorm(Rule):
         if out is None or not isinstance(inp, fx.Node):
             return NOT_ANCHOR
         # after a conv/linear
-        up = _trace_up(inp, 1) if len(inp.users) == 1 else None
-        if up == SPLITS_CHANNELS:
+        up = _up(inp, 1) if len(inp.users) == 1 else None
+        if up is not None and up.stop and _reason(up.stop) == SPLITS_CHANNELS:
             return self._match_after_split(gm, node, out, inp)
-        if up is not None and not isinstance(up, str) and up[2] and _is_op(up[0]):
-            op, d, _ = up
+        if up is not None and not up.stop and up.chain and _is_op(up.node):
+            op, d = up.node, up.dim
             reason = _check_producer(gm, op, d)
             if reason == "the constant varies along a non-channel dimension":
                 reason = f"BatchNorm normalizes a dimension other than the {_kind(op)}'s channels"
@@ -431,10 +352,10 @@ class TokenBatchNorm(Rule):
                 return Match(nodes={"bn": node, "out": out, "op": op}, values={"after": True, "st": affine})
             return NoMatch(reason)
         # before a linear / conv
-        down = _trace_down(out, 1)
-        if down is not None and not isinstance(down, str) and down[2] and _is_op(down[0]):
-            op, d, chain = down
-            reason = _check_consumer(gm, op, chain[-1], d, shifts=True)
+        down = _down(out, 1)
+        if not down.stop and down.chain and _is_op(down.node):
+            op, d = down.node, down.dim
+            reason = _check_consumer(gm, op, down.value, d, shifts=True)
             if reason == "the constant varies along a non-channel dimension":
                 reason = f"BatchNorm normalizes a dimension other than the {_kind(op)}'s input channels"
             if reason is None:
@@ -447,7 +368,8 @@ class TokenBatchNorm(Rule):
 
     def _match_after_split(self, gm, node, out, inp):
         """BN channels that are blocks of the producer's channels (RepMLP's ``fc3_bn``)."""
-        op, _, chain = _trace_up(inp, None)
+        walk = _up(inp, None)
+        op, chain = walk.node, walk.chain
         if not chain or not _is_op(op):
             return NoMatch(SPLITS_CHANNELS)
         reason = _check_producer(gm, op, None)
@@ -456,7 +378,7 @@ class TokenBatchNorm(Rule):
         affine = bn_affine(gm, node)
         if isinstance(affine, str):
             return NoMatch(affine)
-        per_channel = [_per_channel_through_views(chain, v, _shape(inp), op) for v in affine]
+        per_channel = [_per_channel_through_views(chain, v, gu.shape(inp), op) for v in affine]
         for p in per_channel:
             if isinstance(p, str):
                 return NoMatch(p)
@@ -476,7 +398,6 @@ class TokenBatchNorm(Rule):
             end.replace_all_uses_with(source)
 
 
-SPLITS_CHANNELS = "a reshape splits or merges the channel dimension"
 MAX_PROBE_ELEMENTS = 1 << 24
 
 
@@ -485,20 +406,21 @@ def _per_channel_through_views(chain: list[fx.Node], v: torch.Tensor, shape, op:
 
     The views may split a channel of ``op`` into several dimensions (``[N, S*h*w, 1, 1] ->
     [N, S, h, w]``), so the constant is written out at full size, carried back through the
-    inverse of each view, and must then vary along ``op``'s channel dimension only.
+    inverse of each view, and must then vary along ``op``'s channel dimension only. (Not
+    the graph walker: a split dim has no one dim to follow, so the values are carried.)
     """
     if shape is None or math.prod(shape) > MAX_PROBE_ELEMENTS:
         return "the tensor is too large to follow the channels through its reshapes"
     full = v.reshape([-1 if d == 1 else 1 for d in range(len(shape))]).expand(shape)
     for node in chain:  # from the BN input up to the op's output
-        if node.target in PERMUTES:
+        if node.target in gu.PERMUTES:
             rank = full.dim()
             if node.target is aten.transpose.int:
                 full = full.transpose(node.args[1] % rank, node.args[2] % rank)
             else:
                 full = full.permute([[p % rank for p in node.args[1]].index(d) for d in range(rank)])
         else:
-            full = full.reshape(_shape(node.args[0]))
+            full = full.reshape(gu.shape(node.args[0]))
     d = _channel_dim(op, output=True)
     rows = full.movedim(d, -1).reshape(-1, full.shape[d])
     if not bool((rows == rows[:1]).all()):
@@ -507,42 +429,29 @@ def _per_channel_through_views(chain: list[fx.Node], v: torch.Tensor, shape, op:
 
 
 def _views_compose_to_identity(nodes: list[fx.Node], shape: tuple[int, ...]) -> bool:
-    """Do these permute/view nodes (applied in order) map a tensor of ``shape`` onto itself?"""
+    """Do these permute/view nodes (applied in order) map a tensor of ``shape`` onto itself?
+
+    A question about every element at once, not about one dim (a transpose of two equal
+    dims keeps every size), so the chain is replayed on an index probe rather than walked."""
     probe = torch.arange(int(torch.Size(shape).numel())).reshape(shape)
     value = probe
     for n in nodes:
         if n.target is aten.transpose.int:
             value = value.transpose(n.args[1], n.args[2])
-        elif n.target in PERMUTES:
+        elif n.target in gu.PERMUTES:
             value = value.permute(n.args[1])
         else:
             value = value.reshape(n.args[1])
     return tuple(value.shape) == tuple(shape) and torch.equal(value, probe)
 
 
-def _scalar_constant(gm, arg: Any) -> torch.Tensor | None:
-    c = _constant(gm, arg)
-    return c.reshape(()) if c is not None and c.numel() == 1 else None
-
-
 def _widen(x: fx.Node, out: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]]:
     """The widest ``U`` (views above ``x``) and ``V`` (single-user views below ``out``)
     with ``V(U(.))`` the identity: (input of U, output of V, U's nodes from x upwards)."""
-    ups: list[fx.Node] = []
-    node = x
-    while node.op == "call_function" and node.target in TRANSPARENT and isinstance(node.args[0], fx.Node):
-        ups.append(node)
-        node = node.args[0]
-    downs: list[fx.Node] = []
-    node = out
-    while len(node.users) == 1:
-        user = next(iter(node.users))
-        if not (user.op == "call_function" and user.target in TRANSPARENT and user.args[0] is node):
-            break
-        downs.append(user)
-        node = user
+    ups = gu.walk_up(x, through=TRANSPARENT).chain
+    downs = gu.walk_down(out, through=TRANSPARENT).chain
     for i in range(len(ups), 0, -1):
-        shape = _shape(ups[i - 1].args[0])
+        shape = gu.shape(ups[i - 1].args[0])
         if shape is None:
             continue
         for j in range(len(downs), 0, -1):
@@ -563,29 +472,24 @@ class RepBatchNorm(Rule):
             if not (isinstance(mul, fx.Node) and mul.target in MUL and isinstance(a, fx.Node)):
                 continue
             # a = chain_after(getitem(BN(chain_before(x))))
-            after: list[fx.Node] = []
-            g = a
-            while g.op == "call_function" and g.target in TRANSPARENT:
-                after.append(g)
-                g = g.args[0]
+            walk = gu.walk_up(a, through=TRANSPARENT)
+            after, g = walk.chain, walk.node
             if g.target is not operator.getitem or g.args[1] != 0 or g.args[0].target is not BATCH_NORM:
                 continue
             bn = g.args[0]
             for x, alpha_arg in ((mul.args[0], mul.args[1]), (mul.args[1], mul.args[0])):
                 if not isinstance(x, fx.Node):
                     continue
-                before_bn: list[fx.Node] = []
-                p = bn.args[0]
-                while p is not x and isinstance(p, fx.Node) and p.op == "call_function" and p.target in TRANSPARENT:
-                    before_bn.append(p)
-                    p = p.args[0]
-                if p is not x:
+                walk = gu.walk_up(bn.args[0], through=TRANSPARENT, until=x)
+                if walk.node is not x:
                     continue
-                alpha = _scalar_constant(gm, alpha_arg)
-                if alpha is None:
+                before_bn = walk.chain
+                alpha = gu.constant64(gm, alpha_arg)
+                if alpha is None or alpha.numel() != 1:
                     return NoMatch("alpha is not a scalar constant")
-                shape = _shape(x)
-                if shape is None or not _same_type(node, x) or not _same_type(mul, x):
+                alpha = alpha.reshape(())
+                shape = gu.shape(x)
+                if shape is None or not gu.same_type(node, x) or not gu.same_type(mul, x):
                     return NoMatch("the sum does not have x's shape and dtype")
                 if not _views_compose_to_identity(before_bn[::-1] + after[::-1], shape):
                     return NoMatch("the views around BatchNorm do not undo each other")
@@ -593,24 +497,22 @@ class RepBatchNorm(Rule):
                     return NoMatch("an intermediate of the RepBN block has other users")
                 # x = U(x0) and the sum is read through V, with V(U(.)) the identity
                 # (transpose -> RepBN -> transpose): work on x0 and replace V's output.
-                x0, out, before = _widen(x, node)
-                before = before_bn + before  # BN input -> x, then x -> x0
-                d = 1
-                for v in before:  # BN input dim 1 -> dim of x0, nearest the BN first
-                    d = _map_dim(v, d, upward=True)
-                    if isinstance(d, str):
-                        return NoMatch(d)
+                x0, out, _ = _widen(x, node)
+                channel = gu.walk_up(bn.args[0], 1, through=TRANSPARENT, until=x0)  # BN's dim 1 in x0
+                if channel.stop:
+                    return NoMatch(_reason(channel.stop))
+                d = channel.dim
                 affine = bn_affine(gm, bn)
                 if isinstance(affine, str):
                     return NoMatch(affine)
                 s, t = affine
                 return Match(nodes={"add": out, "x": x0},
-                             values={"s": s + alpha, "t": t, "dim": d, "rank": len(_shape(x0))})
+                             values={"s": s + alpha, "t": t, "dim": d, "rank": len(gu.shape(x0))})
         return NOT_ANCHOR
 
     def rewrite(self, gm, m):
         add, x = m.nodes["add"], m.nodes["x"]
-        dtype = _val(x).dtype
+        dtype = gu.dtype(x)
         shape = [1] * m.values["rank"]
         shape[m.values["dim"]] = -1
         s = add_constant(gm, "rep_bn_scale", m.values["s"].to(dtype).reshape(shape), before=add)

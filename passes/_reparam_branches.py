@@ -66,6 +66,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from optcc import graph_utils as gu
 from optcc.ir import add_constant, get_constant, op_name
 from optcc.rewrite import NOT_ANCHOR, Match, NoMatch, Rule
 
@@ -112,11 +113,6 @@ class Rejected:
     reason: str
 
 
-def _val(node):
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return val if isinstance(val, torch.Tensor) else None
-
-
 def _tuple(v, n):
     if isinstance(v, int):
         return (v,) * n
@@ -125,7 +121,7 @@ def _tuple(v, n):
 
 
 def _identity(node: fx.Node) -> Branch | None:
-    val = _val(node)
+    val = gu.val(node)
     if val is None or val.dim() < 3:
         return None
     c, n = val.shape[1], val.dim() - 2
@@ -162,7 +158,7 @@ def _resolve(gm, node) -> Branch | Rejected | None:
         divisor = kw.get("divisor_override", divisor)
         stride = kw.get("stride", stride)
         padding = kw.get("padding", padding)
-        val = _val(x)
+        val = gu.val(x)
         if not isinstance(x, fx.Node) or val is None or val.dim() != 4:
             return None
         kernel = _tuple(kernel, 2)
@@ -297,7 +293,7 @@ class MergeParallelBranches(Rule):
             return NOT_ANCHOR  # a per-channel affine map of x (e.g. RepBN): _reparam_affine's
         if not (_single_output(ra, node) and _single_output(rb, node)):
             return NoMatch("a branch output is used elsewhere")
-        va, vb, vx = _val(a), _val(b), _val(ra.source)
+        va, vb, vx = gu.val(a), gu.val(b), gu.val(ra.source)
         if va is None or vb is None or vx is None:
             return NoMatch("a branch has no shape information")
         if va.shape != vb.shape or va.dtype != vb.dtype:
@@ -444,7 +440,7 @@ class AddZero(Rule):
             return NOT_ANCHOR
         if zero != 0:
             return NOT_ANCHOR
-        vy, vout = _val(y), _val(node)
+        vy, vout = gu.val(y), gu.val(node)
         if vy is None or vout is None or vy.shape != vout.shape or vy.dtype != vout.dtype:
             return NOT_ANCHOR
         return Match(nodes={"add": node, "y": y})

@@ -45,10 +45,10 @@ import math
 import torch
 import torch.fx as fx
 
+from optcc import graph_utils as gu
 from optcc.ir import op_name
 from optcc.rewrite import NOT_ANCHOR, Match, NoMatch, Rule
 
-from ._reparam_affine import PERMUTES, _shape
 from ._weights import replace_weight_and_bias, weight_and_bias
 
 aten = torch.ops.aten
@@ -62,23 +62,16 @@ RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, 
 MAX_MATRIX_ELEMENTS = 1 << 24
 
 
-def _lineage(node: fx.Node, through=RESHAPES) -> list[fx.Node]:
-    """``node`` and every node above it reached through ``through`` ops only."""
-    seen = [node]
-    while node.op == "call_function" and node.target in through and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-        seen.append(node)
-    return seen
-
-
 def _up_through_reshapes(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     """The first non-reshape node above ``node`` and the reshapes passed (nearest first)."""
-    *chain, top = _lineage(node)
-    return top, chain
+    walk = gu.walk_up(node, through=RESHAPES)
+    return walk.node, walk.chain
 
 
 def _share_source(a: fx.Node, b: fx.Node, through=RESHAPES) -> bool:
-    return any(n in _lineage(a, through) for n in _lineage(b, through))
+    """Whether ``a`` and ``b`` are ``through``-views of one value (one lies on the other's lineage)."""
+    above_a = gu.walk_up(a, through=through).lineage
+    return any(n in above_a for n in gu.walk_up(b, through=through).lineage)
 
 
 def _nonlinear_conv(node: fx.Node) -> fx.Node | None:
@@ -95,7 +88,7 @@ def _fc_groups(op: fx.Node) -> int | None:
         return 1
     if op.target is not CONV or op.args[6]:
         return None
-    x_shape, w_shape = _shape(op.args[0]), _shape(op.args[1])
+    x_shape, w_shape = gu.shape(op.args[0]), gu.shape(op.args[1])
     if x_shape is None or w_shape is None:
         return None
     if any(d != 1 for d in x_shape[2:]) or any(k != 1 for k in w_shape[2:]) or any(op.args[4]):
@@ -143,7 +136,7 @@ class ConvIntoFullyConnected(Rule):
             if conv.target is not CONV or conv is fc or conv.args[6] or not isinstance(conv.args[0], fx.Node):
                 continue
             if not _share_source(fc.args[0], conv.args[0]):
-                if _share_source(fc.args[0], conv.args[0], through=RESHAPES + PERMUTES):
+                if _share_source(fc.args[0], conv.args[0], through=RESHAPES + gu.PERMUTES):
                     return NoMatch("the convolution reads the FC's features in another order (a permute)")
                 continue
             # add(a, b, alpha) = a + alpha b and sub(a, b, alpha) = a - alpha b: the FC side
@@ -158,14 +151,14 @@ class ConvIntoFullyConnected(Rule):
         return NOT_ANCHOR
 
     def _check(self, gm, add, fc, fc_chain, conv, conv_chain, groups, scale):
-        fc_in, fc_out = _shape(fc.args[0]), _shape(fc)
-        conv_in, conv_out = _shape(conv.args[0]), _shape(conv)
-        a, b = _shape(add.args[0]), _shape(add.args[1])
+        fc_in, fc_out = gu.shape(fc.args[0]), gu.shape(fc)
+        conv_in, conv_out = gu.shape(conv.args[0]), gu.shape(conv)
+        a, b = gu.shape(add.args[0]), gu.shape(add.args[1])
         if None in (fc_in, fc_out, conv_in, conv_out, a, b):
             return NoMatch("a value has no static shape")
-        if a != b or _shape(add) != a:
+        if a != b or gu.shape(add) != a:
             return NoMatch("the two sides have different shapes (broadcasting add)")
-        if len({n.meta["val"].dtype for n in (fc, conv, add)}) != 1:
+        if len({gu.dtype(n) for n in (fc, conv, add)}) != 1:
             return NoMatch("the FC, the convolution and the sum differ in dtype")
         fc_rows_in = math.prod(fc_in) // (fc_in[1] if fc.target is CONV else fc_in[-1])
         f_in = math.prod(conv_in[1:])

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from optcc import graph_utils as gu
 from optcc.pass_base import Pass, PassResult, register_pass
 from optcc.rewrite import NOT_ANCHOR, Match, NoMatch, Rule, apply_rules
 
@@ -52,11 +53,6 @@ LINEAR = aten.linear.default
 
 # ----------------------------------------------------------------------------------------
 # Shared parts of the rules
-
-
-def _rank(node: fx.Node) -> int | None:
-    val = node.meta.get("val")
-    return val.dim() if isinstance(val, torch.Tensor) else None
 
 
 def _match_producer_then_bn(gm: fx.GraphModule, node: fx.Node, producer_op) -> Match | NoMatch:
@@ -145,7 +141,7 @@ class LinearThenBatchNorm(Rule):
         m = _match_producer_then_bn(gm, node, LINEAR)
         if not m:
             return m
-        if _rank(m.nodes["op"]) != 2:
+        if gu.rank(m.nodes["op"]) != 2:
             return NoMatch("BatchNorm normalizes a dimension other than the linear's features")
         params = weight_and_bias(gm, m.nodes["op"])
         if isinstance(params, str):
@@ -204,7 +200,7 @@ class BatchNormThenLinear(Rule):
         m = _match_bn_then_consumer(gm, node, LINEAR)
         if not m:
             return m
-        if _rank(m.nodes["out"]) != 2:
+        if gu.rank(m.nodes["out"]) != 2:
             return NoMatch("BatchNorm normalizes a dimension other than the linear's features")
         params = weight_and_bias(gm, m.nodes["op"])
         if isinstance(params, str):

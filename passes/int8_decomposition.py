@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from optcc import graph_utils as gu
 from optcc.ir import add_constant, drop_unused_constants, get_constant
 from optcc.kernels.int8_cpu import choose as choose_cpu_kernel
 from optcc.kernels.int8_linear import int8_linear, quantize_weight
@@ -109,8 +110,7 @@ class QuantizeLinear(Rule):
                 if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
                     return NoMatch("addmm with beta or alpha other than 1")
                 bias, x, w_arg = node.args[0], node.args[1], node.args[2]
-                bias_val = bias.meta.get("val") if isinstance(bias, fx.Node) else None
-                if not isinstance(bias_val, torch.Tensor) or bias_val.dim() != 1:
+                if gu.rank(bias) != 1:
                     return NoMatch("addmm whose bias is not a vector")
             else:
                 x, w_arg, bias = node.args[0], node.args[1], None

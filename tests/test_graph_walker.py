@@ -318,3 +318,14 @@ def test_until_and_broadcasts_to(moves):
     assert walk.node is unsqueeze and walk.dim == 1 and len(walk.chain) == 3
     assert gu.broadcasts_to(unsqueeze, (4, 2, 3, 1, 5, 4)) and not gu.broadcasts_to(unsqueeze, (2, 3, 5, 4))
     assert not gu.broadcasts_to(2.0, (2,)) and gu.shape(x, symbolic=True) == (2, 3, 4, 5)
+
+
+def test_shape_of_a_constant_added_mid_pass():
+    """``add_constant``'s fake value has symbolic sizes backed by the real ones: read as ints."""
+    from optcc.ir import add_constant
+
+    gm = optcc.capture(Small().eval(), (torch.randn(2, 4),))
+    fc = nodes(gm, LINEAR)[0]
+    new = add_constant(gm, "w", torch.randn(3, 4), before=fc)
+    assert gu.shape(new) == (3, 4) and gu.rank(new) == 2
+    assert len(gu.shape(new, symbolic=True)) == 2
