@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .pointwise import _TRITON_DTYPES, EXPRESSIONS, Unsupported, _literal, kernel_signature
+from .pointwise import EXPRESSIONS
+from .triton_types import TRITON_DTYPES, Unsupported, kernel_signature, kernel_source, literal
 
 aten = torch.ops.aten
 MATMULS = (aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default)
@@ -155,8 +156,8 @@ def generate_gemm(region: fx.GraphModule, name: str) -> GemmKernel:
         body.append(f"e{i} = tl.load({address}, mask=tile_ok, other=0.0).to(tl.float32)  # {node.name}")
         values[node] = f"e{i}"
     for c in calls[1:]:
-        c_args = [values[a] if isinstance(a, fx.Node) else _literal(a) for a in c.args]
-        kwargs = {key: (values[v] if isinstance(v, fx.Node) else (v if isinstance(v, str) else _literal(v)))
+        c_args = [values[a] if isinstance(a, fx.Node) else literal(a) for a in c.args]
+        kwargs = {key: (values[v] if isinstance(v, fx.Node) else (v if isinstance(v, str) else literal(v)))
                   for key, v in c.kwargs.items()}
         expression = EXPRESSIONS[c.target](c_args, kwargs)
         if c.meta["val"].dtype == torch.bool:
@@ -166,21 +167,11 @@ def generate_gemm(region: fx.GraphModule, name: str) -> GemmKernel:
     result_value = values[result]
     out_dtype = result.meta["val"].dtype
     body.append(f"tl.store(out_ptr + pid_b * out_stride_batch + {row_offset('out')} + rn[None, :] * out_stride_n, "
-                f"{result_value}.to({_TRITON_DTYPES[out_dtype]}), mask=tile_ok)")
+                f"{result_value}.to({TRITON_DTYPES[out_dtype]}), mask=tile_ok)")
     blocks = (_block(m, 64), _block(n, 64), _block(k, 64))
     ops = [f"{c.name} = {c.target}" for c in calls]
-    source = "\n".join([
-        "import triton",
-        "import triton.language as tl",
-        "",
-        "",
-        f"# gemm region {name}: [{m} x {k}] @ [{k} x {n}] x {batch}, then {len(calls) - 1} epilogue ops",
-        *[f"#   {line}" for line in ops],
-        "@triton.jit",
-        f"def {name}({', '.join(params)}, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):",
-        *[f"    {line}" for line in body],
-        "",
-    ])
+    source = kernel_source(f"gemm region {name}: [{m} x {k}] @ [{k} x {n}] x {batch}, then {len(calls) - 1} epilogue ops",
+                           ops, name, params, ["BLOCK_M", "BLOCK_N", "BLOCK_K"], body)
     operands = [position[x], position[w], position[bias] if bias is not None else -1]
     pointers = {"x_ptr": xv.dtype, "w_ptr": wv.dtype, "out_ptr": out_dtype,
                 "bias_ptr": bias.meta["val"].dtype if bias is not None else xv.dtype}

@@ -26,6 +26,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from .triton_types import TRITON_DTYPES, Unsupported, kernel_signature, kernel_source, literal
+
 aten = torch.ops.aten
 
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
@@ -112,10 +114,6 @@ for _name, _symbol in (("gt", ">"), ("lt", "<"), ("ge", ">="), ("le", "<="), ("e
             lambda a, k, s=_symbol: f"({a[0]} {s} {a[1]})")
 
 
-class Unsupported(Exception):
-    """The region holds something this generator cannot express (says what)."""
-
-
 @dataclass
 class PointwiseKernel:
     name: str
@@ -130,42 +128,6 @@ class PointwiseKernel:
     @property
     def constexprs(self) -> dict[str, int]:
         return {"BLOCK": self.block}
-
-
-def _literal(value: Any) -> str:
-    if isinstance(value, bool):
-        return "1.0" if value else "0.0"
-    if isinstance(value, (int, float)):
-        return repr(float(value)) if math.isfinite(value) else ("float('inf')" if value > 0 else "float('-inf')")
-    if value is None:
-        return "None"
-    raise Unsupported(f"argument {value!r} of type {type(value).__name__}")
-
-
-_POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64",
-                  torch.bool: "*i1", torch.int32: "*i32", torch.int64: "*i64", torch.int8: "*i8", torch.uint8: "*u8"}
-
-
-def kernel_signature(source: str, pointers: dict[str, torch.dtype]) -> dict[str, str]:
-    """The Triton signature of the generated kernel in ``source``: the named pointers with
-    their element types, every other parameter a 32-bit integer, the constexprs marked."""
-    import re
-
-    params = re.search(r"def \w+\((.*)\):", source).group(1).split(", ")
-    signature = {}
-    for param in params:
-        name = param.split(":")[0]
-        if param.endswith("tl.constexpr"):
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = _POINTER_TYPES[pointers[name]]
-        else:
-            signature[name] = "i32"
-    return signature
-
-
-_TRITON_DTYPES = {torch.float32: "tl.float32", torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16",
-                  torch.float64: "tl.float64", torch.bool: "tl.int1", torch.int32: "tl.int32", torch.int64: "tl.int64"}
 
 
 def generate_pointwise(region: fx.GraphModule, name: str) -> PointwiseKernel:
@@ -184,7 +146,7 @@ def generate_pointwise(region: fx.GraphModule, name: str) -> PointwiseKernel:
         if not isinstance(node.meta.get("val"), torch.Tensor):
             raise Unsupported(f"non-tensor input {node.name}")
     for node in results:
-        if node.meta["val"].dtype not in _TRITON_DTYPES:
+        if node.meta["val"].dtype not in TRITON_DTYPES:
             raise Unsupported(f"output dtype {node.meta['val'].dtype}")
 
     params = [f"in{k}_ptr" for k in range(len(placeholders))] + [f"out{j}_ptr" for j in range(len(results))]
@@ -216,8 +178,8 @@ def generate_pointwise(region: fx.GraphModule, name: str) -> PointwiseKernel:
             raise Unsupported(f"op {node.target}")
         if node.target in _BOOLEAN_ONLY and node.meta["val"].dtype != torch.bool:
             raise Unsupported(f"{node.target} on {node.meta['val'].dtype}")
-        args = [values[a] if isinstance(a, fx.Node) else _literal(a) for a in node.args]
-        kwargs = {k: (values[v] if isinstance(v, fx.Node) else (v if isinstance(v, str) else _literal(v)))
+        args = [values[a] if isinstance(a, fx.Node) else literal(a) for a in node.args]
+        kwargs = {k: (values[v] if isinstance(v, fx.Node) else (v if isinstance(v, str) else literal(v)))
                   for k, v in node.kwargs.items()}
         var = f"v_{node.name}"
         expression = EXPRESSIONS[node.target](args, kwargs)
@@ -226,24 +188,14 @@ def generate_pointwise(region: fx.GraphModule, name: str) -> PointwiseKernel:
         body.append(f"{var} = {expression}")
         values[node] = var
     for j, node in enumerate(results):
-        dtype = _TRITON_DTYPES[node.meta["val"].dtype]
+        dtype = TRITON_DTYPES[node.meta["val"].dtype]
         value = values[node]
         stored = f"({value} != 0.0)" if dtype == "tl.int1" else f"{value}.to({dtype})"
         body.append(f"tl.store(out{j}_ptr + {address(f'out{j}')}, {stored}, mask=mask)  # {node.name}")
 
     ops = [f"{n.name} = {n.target}" for n in region.graph.nodes if n.op == "call_function"]
-    source = "\n".join([
-        "import triton",
-        "import triton.language as tl",
-        "",
-        "",
-        f"# pointwise region {name}: {len(ops)} ops over shape {list(shape)}",
-        *[f"#   {line}" for line in ops],
-        "@triton.jit",
-        f"def {name}({', '.join(params)}, BLOCK: tl.constexpr):",
-        *[f"    {line}" for line in body],
-        "",
-    ])
+    source = kernel_source(f"pointwise region {name}: {len(ops)} ops over shape {list(shape)}", ops, name,
+                           params, ["BLOCK"], body)
     pointers = {f"in{k}_ptr": p.meta["val"].dtype for k, p in enumerate(placeholders)}
     pointers |= {f"out{j}_ptr": r.meta["val"].dtype for j, r in enumerate(results)}
     return PointwiseKernel(name, source, shape, list(range(len(placeholders))),

@@ -26,7 +26,8 @@ import torch.fx as fx
 
 from dataclasses import dataclass
 
-from .pointwise import _TRITON_DTYPES, EXPRESSIONS, Unsupported, _literal, kernel_signature
+from .pointwise import EXPRESSIONS
+from .triton_types import TRITON_DTYPES, Unsupported, kernel_signature, kernel_source, literal
 
 aten = torch.ops.aten
 
@@ -115,7 +116,7 @@ def generate_reduction(region: fx.GraphModule, name: str) -> ReductionKernel:
         shape = tuple(node.meta["val"].shape)
         if shape != row_shape and shape not in scalar_shapes:
             raise Unsupported(f"output {node.name} of shape {list(shape)}")
-        if node.meta["val"].dtype not in _TRITON_DTYPES or node.meta["val"].dtype == torch.bool:
+        if node.meta["val"].dtype not in TRITON_DTYPES or node.meta["val"].dtype == torch.bool:
             raise Unsupported(f"output dtype {node.meta['val'].dtype}")
 
     params = [f"in{k}_ptr" for k in range(len(placeholders))] + [f"out{j}_ptr" for j in range(len(results))]
@@ -139,10 +140,10 @@ def generate_reduction(region: fx.GraphModule, name: str) -> ReductionKernel:
         values[node] = f"x{k}"
     for node in calls:
         if node is anchor:  # its dims / normalized_shape are known: the last dimension
-            args = [values[a] if isinstance(a, fx.Node) else (None if isinstance(a, (list, tuple)) else _literal(a))
+            args = [values[a] if isinstance(a, fx.Node) else (None if isinstance(a, (list, tuple)) else literal(a))
                     for a in node.args]
         else:
-            args = [values[a] if isinstance(a, fx.Node) else _literal(a) for a in node.args]
+            args = [values[a] if isinstance(a, fx.Node) else literal(a) for a in node.args]
         if node is anchor:
             extra = args[2:5] if node.target is aten.layer_norm.default else []
             if node.target in (aten.sum.dim_IntList, aten.mean.dim) and node.kwargs.get("dtype") not in (None,):
@@ -150,7 +151,7 @@ def generate_reduction(region: fx.GraphModule, name: str) -> ReductionKernel:
             expression, lines = _reduce(node, args[0], n, extra)
             body += lines
         else:
-            kwargs = {k: (values[v] if isinstance(v, fx.Node) else (v if isinstance(v, str) else _literal(v)))
+            kwargs = {k: (values[v] if isinstance(v, fx.Node) else (v if isinstance(v, str) else literal(v)))
                       for k, v in node.kwargs.items()}
             expression = EXPRESSIONS[node.target](args, kwargs)
             if node.meta["val"].dtype == torch.bool:
@@ -158,7 +159,7 @@ def generate_reduction(region: fx.GraphModule, name: str) -> ReductionKernel:
         body.append(f"v_{node.name} = {expression}")
         values[node] = f"v_{node.name}"
     for j, node in enumerate(results):
-        dtype = _TRITON_DTYPES[node.meta["val"].dtype]
+        dtype = TRITON_DTYPES[node.meta["val"].dtype]
         value = values[node]
         if tuple(node.meta["val"].shape) == row_shape and n != 1:
             address = f"{row_address(f'out{j}')} + cols * out{j}_stride{last}"
@@ -169,18 +170,8 @@ def generate_reduction(region: fx.GraphModule, name: str) -> ReductionKernel:
         body.append(f"tl.store(out{j}_ptr + {row_address(f'out{j}')}, ({value}).to({dtype}))  # {node.name}")
 
     ops = [f"{c.name} = {c.target}" for c in calls]
-    source = "\n".join([
-        "import triton",
-        "import triton.language as tl",
-        "",
-        "",
-        f"# reduction region {name}: {len(ops)} ops over rows of shape {list(row_shape)}",
-        *[f"#   {line}" for line in ops],
-        "@triton.jit",
-        f"def {name}({', '.join(params)}, BLOCK_N: tl.constexpr):",
-        *[f"    {line}" for line in body],
-        "",
-    ])
+    source = kernel_source(f"reduction region {name}: {len(ops)} ops over rows of shape {list(row_shape)}",
+                           ops, name, params, ["BLOCK_N"], body)
     pointers = {f"in{k}_ptr": p.meta["val"].dtype for k, p in enumerate(placeholders)}
     pointers |= {f"out{j}_ptr": r.meta["val"].dtype for j, r in enumerate(results)}
     return ReductionKernel(name, source, row_shape, [tuple(r.meta["val"].shape) for r in results],

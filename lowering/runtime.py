@@ -21,8 +21,9 @@ from optcc.kernels.flash_attention import flash_attention
 
 from .cache import load_kernel
 from .gemm import GemmKernel, generate_gemm, row_strides, split_epilogue
-from .pointwise import PointwiseKernel, Unsupported, generate_pointwise
+from .pointwise import PointwiseKernel, generate_pointwise
 from .reduction import ReductionKernel, generate_reduction
+from .triton_types import Unsupported
 
 
 class PointwiseLaunch(torch.nn.Module):
