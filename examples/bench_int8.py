@@ -14,7 +14,7 @@ Linears (``[M, K] x [K, N]``, two planted outlier columns of magnitude 20):
   already-quantized rows, for every kernel that is exact on this CPU (the probe decides;
   the others are listed with the reason).
 
-    .venv/bin/python examples/bench_int8.py [--runs 9] [--seconds 0.3]
+    .venv/bin/python examples/bench_int8.py [--runs 9] [--seconds 0.3] [--threads N]
 """
 
 from __future__ import annotations
@@ -105,7 +105,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--seconds", type=float, default=0.3, help="length of one timed run")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 resists a busy machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     print(f"CPU: {cpu_summary()}\n")
