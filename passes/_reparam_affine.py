@@ -59,7 +59,8 @@ from optcc.ir import add_constant
 from optcc.rewrite import NOT_ANCHOR, Match, NoMatch, Rule
 
 from ._batchnorm import BATCH_NORM, bn_affine, bn_output
-from ._weights import replace_weight_and_bias, weight_and_bias
+from ._fold import fold_after, fold_before
+from ._weights import weight_and_bias
 
 aten = torch.ops.aten
 CONV = aten.convolution.default
@@ -147,56 +148,7 @@ def _channel_dim(op: fx.Node, *, output: bool) -> int | None:
 
 
 # ----------------------------------------------------------------------------------------
-# Folding into a conv / linear
-
-
-def _expand(v: torch.Tensor, n: int) -> torch.Tensor:
-    return v.expand(n).clone() if v.dim() == 0 else v
-
-
-def _fold_after(gm: fx.GraphModule, op: fx.Node, s: torch.Tensor, t: torch.Tensor) -> None:
-    """op's output y becomes s * y + t (s, t per output channel or scalars)."""
-    weight, bias = weight_and_bias(gm, op)
-    w64 = weight.double()
-    if op.target is LINEAR:
-        cout = w64.shape[0]
-        s, t = _expand(s, cout), _expand(t, cout)
-        folded = w64 * s[:, None]
-    elif op.args[6]:  # transposed conv: weight [Cin, Cout/g, k...]
-        groups = op.args[8]
-        cin, cpg, *kernel = w64.shape
-        cout = cpg * groups
-        s, t = _expand(s, cout), _expand(t, cout)
-        grouped = w64.reshape(groups, cin // groups, cpg, *kernel)
-        folded = (grouped * s.reshape(groups, 1, cpg, *[1] * len(kernel))).reshape(w64.shape)
-    else:
-        cout = w64.shape[0]
-        s, t = _expand(s, cout), _expand(t, cout)
-        folded = w64 * s.reshape(cout, *[1] * (w64.dim() - 1))
-    b64 = bias.double() if bias is not None else torch.zeros(cout, dtype=torch.float64)
-    replace_weight_and_bias(gm, op, folded.to(weight.dtype), (s * b64 + t).to(weight.dtype), "_affine")
-
-
-def _fold_before(gm: fx.GraphModule, op: fx.Node, s: torch.Tensor, t: torch.Tensor) -> None:
-    """op's data input x becomes s * x + t (s, t per input channel or scalars)."""
-    weight, bias = weight_and_bias(gm, op)
-    w64 = weight.double()
-    cout = w64.shape[0]
-    b64 = bias.double() if bias is not None else torch.zeros(cout, dtype=torch.float64)
-    if op.target is LINEAR:
-        cin = w64.shape[1]
-        s, t = _expand(s, cin), _expand(t, cin)
-        folded, shift = w64 * s[None, :], w64 @ t
-    else:
-        groups = op.args[8]
-        _, cpg, *kernel = w64.shape
-        s, t = _expand(s, cpg * groups), _expand(t, cpg * groups)
-        s_in = s.reshape(groups, cpg).repeat_interleave(cout // groups, dim=0)
-        t_in = t.reshape(groups, cpg).repeat_interleave(cout // groups, dim=0)
-        expand = (cout, cpg, *[1] * len(kernel))
-        folded = w64 * s_in.reshape(expand)
-        shift = (w64 * t_in.reshape(expand)).flatten(1).sum(1)
-    replace_weight_and_bias(gm, op, folded.to(weight.dtype), (b64 + shift).to(weight.dtype), "_affine")
+# When a fold into a conv / linear is legal (the fold itself: _fold.py)
 
 
 def _check_producer(gm, op: fx.Node, d: int | None) -> str | None:
@@ -286,7 +238,7 @@ class AffineIntoProducer(Rule):
         return Match(nodes={"anchor": node, "x": x, "op": op}, values={"s": s, "t": t})
 
     def rewrite(self, gm, m):
-        _fold_after(gm, m.nodes["op"], m.values["s"], m.values["t"])
+        fold_after(gm, m.nodes["op"], m.values["s"], m.values["t"], "_affine")
         _bypass(gm, m)
 
 
@@ -320,7 +272,7 @@ class AffineIntoConsumer(Rule):
         return Match(nodes={"anchor": node, "x": x, "op": op}, values={"s": s, "t": t})
 
     def rewrite(self, gm, m):
-        _fold_before(gm, m.nodes["op"], m.values["s"], m.values["t"])
+        fold_before(gm, m.nodes["op"], m.values["s"], m.values["t"], "_affine")
         _bypass(gm, m)
 
 
@@ -386,7 +338,7 @@ class TokenBatchNorm(Rule):
 
     def rewrite(self, gm, m):
         s, t = m.values["st"]
-        (_fold_after if m.values["after"] else _fold_before)(gm, m.nodes["op"], s, t)
+        (fold_after if m.values["after"] else fold_before)(gm, m.nodes["op"], s, t, "_affine")
         inp = m.nodes["bn"].args[0]
         m.nodes["out"].replace_all_uses_with(inp)
         gm.graph.erase_node(m.nodes["out"])

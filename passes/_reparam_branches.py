@@ -71,6 +71,7 @@ from optcc.ir import add_constant, get_constant, op_name
 from optcc.rewrite import NOT_ANCHOR, Match, NoMatch, Rule
 
 from ._batchnorm import bn_affine
+from ._fold import affine_after
 
 aten = torch.ops.aten
 CONV = aten.convolution.default
@@ -197,9 +198,9 @@ def _resolve(gm, node) -> Branch | Rejected | None:
         s, t = affine
         if s.numel() != inner.weight.shape[0]:
             return None
-        weight = inner.weight * s.reshape(-1, *[1] * (inner.weight.dim() - 1))
+        weight, bias = affine_after(inner.weight, inner.bias, s, t)
         kind = "bn" if inner.kind == "identity" else f"{inner.kind}+bn"
-        return Branch(inner.source, weight, s * inner.bias + t, inner.stride, inner.padding, inner.dilation,
+        return Branch(inner.source, weight, bias, inner.stride, inner.padding, inner.dilation,
                       inner.groups, kind, inner.nodes + [bn, node])
     return None
 

@@ -44,7 +44,8 @@ from optcc.rewrite import NOT_ANCHOR, Match, NoMatch, Rule, apply_rules
 
 from . import _reparam_affine, _reparam_branches, _reparam_conv_fc
 from ._batchnorm import BATCH_NORM, bn_affine, bn_output
-from ._weights import replace_weight_and_bias, weight_and_bias
+from ._fold import fold_after, fold_before
+from ._weights import weight_and_bias
 
 aten = torch.ops.aten
 CONV = aten.convolution.default
@@ -52,169 +53,116 @@ LINEAR = aten.linear.default
 
 
 # ----------------------------------------------------------------------------------------
-# Shared parts of the rules
+# Rules: the match differs (BN after the op or before it), the fold is _fold.py's
 
 
-def _match_producer_then_bn(gm: fx.GraphModule, node: fx.Node, producer_op) -> Match | NoMatch:
-    """Common check of conv_bn / linear_bn: ``node`` is a BN whose input is ``producer_op``."""
-    if node.target is not BATCH_NORM:
-        return NOT_ANCHOR
-    producer = node.args[0]
-    if not isinstance(producer, fx.Node) or producer.target is not producer_op:
-        return NOT_ANCHOR
-    if len(producer.users) != 1:
-        return NoMatch("the input of BatchNorm has other users")
-    out = bn_output(node)
-    if out is None:
-        return NoMatch("BatchNorm's saved statistics are used")
-    affine = bn_affine(gm, node)
-    if isinstance(affine, str):
-        return NoMatch(affine)
-    return Match(nodes={"bn": node, "out": out, "op": producer}, values={"s": affine[0], "t": affine[1]})
+class _BatchNormAfter(Rule):
+    """conv_bn / linear_bn: ``node`` is a BN whose input is a ``producer`` read only by it."""
+
+    producer = None
+
+    def legal(self, m: Match) -> str | None:
+        return None
+
+    def match(self, gm, node):
+        if node.target is not BATCH_NORM:
+            return NOT_ANCHOR
+        producer = node.args[0]
+        if not isinstance(producer, fx.Node) or producer.target is not self.producer:
+            return NOT_ANCHOR
+        if len(producer.users) != 1:
+            return NoMatch("the input of BatchNorm has other users")
+        out = bn_output(node)
+        if out is None:
+            return NoMatch("BatchNorm's saved statistics are used")
+        affine = bn_affine(gm, node)
+        if isinstance(affine, str):
+            return NoMatch(affine)
+        m = Match(nodes={"bn": node, "out": out, "op": producer}, values={"s": affine[0], "t": affine[1]})
+        reason = self.legal(m) or _constant_params(gm, producer)
+        return NoMatch(reason) if reason else m
+
+    def rewrite(self, gm, m):
+        fold_after(gm, m.nodes["op"], m.values["s"], m.values["t"], "_bn")
+        m.nodes["out"].replace_all_uses_with(m.nodes["op"])
 
 
-def _match_bn_then_consumer(gm: fx.GraphModule, node: fx.Node, consumer_op) -> Match | NoMatch:
-    """Common check of bn_conv / bn_linear: ``node`` is a BN feeding only ``consumer_op``."""
-    if node.target is not BATCH_NORM:
-        return NOT_ANCHOR
-    out = bn_output(node)
-    if out is None:
-        return NOT_ANCHOR
-    users = list(out.users)
-    if not users or any(u.target is not consumer_op for u in users):
-        return NOT_ANCHOR
-    if len(users) != 1:
-        return NoMatch("the BatchNorm output has other users")
-    consumer = users[0]
-    if consumer.args[0] is not out:
-        return NoMatch("the BatchNorm output is not the data input")
-    affine = bn_affine(gm, node)
-    if isinstance(affine, str):
-        return NoMatch(affine)
-    return Match(nodes={"bn": node, "out": out, "op": consumer}, values={"s": affine[0], "t": affine[1]})
+class _BatchNormBefore(Rule):
+    """bn_conv / bn_linear: ``node`` is a BN whose output only feeds a ``consumer``'s data input."""
+
+    consumer = None
+
+    def legal(self, m: Match) -> str | None:
+        return None
+
+    def match(self, gm, node):
+        if node.target is not BATCH_NORM:
+            return NOT_ANCHOR
+        out = bn_output(node)
+        if out is None:
+            return NOT_ANCHOR
+        users = list(out.users)
+        if not users or any(u.target is not self.consumer for u in users):
+            return NOT_ANCHOR
+        if len(users) != 1:
+            return NoMatch("the BatchNorm output has other users")
+        consumer = users[0]
+        if consumer.args[0] is not out:
+            return NoMatch("the BatchNorm output is not the data input")
+        affine = bn_affine(gm, node)
+        if isinstance(affine, str):
+            return NoMatch(affine)
+        m = Match(nodes={"bn": node, "out": out, "op": consumer}, values={"s": affine[0], "t": affine[1]})
+        reason = self.legal(m) or _constant_params(gm, consumer)
+        return NoMatch(reason) if reason else m
+
+    def rewrite(self, gm, m):
+        op = m.nodes["op"]
+        op.replace_input_with(m.nodes["out"], m.nodes["bn"].args[0])
+        fold_before(gm, op, m.values["s"], m.values["t"], "_bn")
 
 
-def _per_channel(v: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
-    shape = [1] * ndim
-    shape[dim] = -1
-    return v.reshape(shape)
+def _constant_params(gm: fx.GraphModule, op: fx.Node) -> str | None:
+    params = weight_and_bias(gm, op)
+    return params if isinstance(params, str) else None
 
 
-# ----------------------------------------------------------------------------------------
-# Rules
-
-
-class ConvThenBatchNorm(Rule):
+class ConvThenBatchNorm(_BatchNormAfter):
     name = "conv_bn"
-
-    def match(self, gm, node):
-        m = _match_producer_then_bn(gm, node, CONV)
-        if not m:
-            return m
-        params = weight_and_bias(gm, m.nodes["op"])
-        if isinstance(params, str):
-            return NoMatch(params)
-        m.values["weight"], m.values["bias"] = params
-        return m
-
-    def rewrite(self, gm, m):
-        conv, s, t = m.nodes["op"], m.values["s"], m.values["t"]
-        weight = m.values["weight"].double()
-        bias = m.values["bias"].double() if m.values["bias"] is not None else torch.zeros_like(s)
-        transposed, groups = conv.args[6], conv.args[8]
-        if transposed:  # weight [Cin, Cout/g, k...]: output channels sit in dim 1 of each group
-            cin, cout_per_group, *kernel = weight.shape
-            grouped = weight.reshape(groups, cin // groups, cout_per_group, *kernel)
-            folded = grouped * s.reshape(groups, 1, cout_per_group, *[1] * len(kernel))
-            folded = folded.reshape(weight.shape)
-        else:
-            folded = weight * _per_channel(s, weight.dim(), 0)
-        dtype = m.values["weight"].dtype
-        replace_weight_and_bias(gm, conv, folded.to(dtype), (s * bias + t).to(dtype), "_bn")
-        m.nodes["out"].replace_all_uses_with(conv)
+    producer = CONV
 
 
-class LinearThenBatchNorm(Rule):
+class LinearThenBatchNorm(_BatchNormAfter):
     name = "linear_bn"
+    producer = LINEAR
 
-    def match(self, gm, node):
-        m = _match_producer_then_bn(gm, node, LINEAR)
-        if not m:
-            return m
+    def legal(self, m):
         if gu.rank(m.nodes["op"]) != 2:
-            return NoMatch("BatchNorm normalizes a dimension other than the linear's features")
-        params = weight_and_bias(gm, m.nodes["op"])
-        if isinstance(params, str):
-            return NoMatch(params)
-        m.values["weight"], m.values["bias"] = params
-        return m
-
-    def rewrite(self, gm, m):
-        linear, s, t = m.nodes["op"], m.values["s"], m.values["t"]
-        weight = m.values["weight"]
-        bias = m.values["bias"].double() if m.values["bias"] is not None else torch.zeros_like(s)
-        folded = weight.double() * s[:, None]
-        replace_weight_and_bias(gm, linear, folded.to(weight.dtype), (s * bias + t).to(weight.dtype), "_bn")
-        m.nodes["out"].replace_all_uses_with(linear)
+            return "BatchNorm normalizes a dimension other than the linear's features"
+        return None
 
 
-class BatchNormThenConv(Rule):
+class BatchNormThenConv(_BatchNormBefore):
     name = "bn_conv"
+    consumer = CONV
 
-    def match(self, gm, node):
-        m = _match_bn_then_consumer(gm, node, CONV)
-        if not m:
-            return m
+    def legal(self, m):
         conv = m.nodes["op"]
         if conv.args[6]:
-            return NoMatch("transposed convolution (border outputs see fewer taps)")
+            return "transposed convolution (border outputs see fewer taps)"
         if any(p != 0 for p in conv.args[4]):
-            return NoMatch("the convolution pads its input with zeros, not with the BatchNorm shift")
-        params = weight_and_bias(gm, conv)
-        if isinstance(params, str):
-            return NoMatch(params)
-        m.values["weight"], m.values["bias"] = params
-        return m
-
-    def rewrite(self, gm, m):
-        conv, s, t = m.nodes["op"], m.values["s"], m.values["t"]
-        weight = m.values["weight"]
-        w64 = weight.double()
-        groups = conv.args[8]
-        cout, cin_per_group, *kernel = weight.shape
-        # input channel i of output o is channel g(o) * cin_per_group + i of the BN
-        s_in = s.reshape(groups, cin_per_group).repeat_interleave(cout // groups, dim=0)
-        t_in = t.reshape(groups, cin_per_group).repeat_interleave(cout // groups, dim=0)
-        expand = (cout, cin_per_group, *[1] * len(kernel))
-        folded = w64 * s_in.reshape(expand)
-        shift = (w64 * t_in.reshape(expand)).flatten(1).sum(1)
-        bias = m.values["bias"].double() if m.values["bias"] is not None else torch.zeros(cout, dtype=torch.float64)
-        conv.replace_input_with(m.nodes["out"], m.nodes["bn"].args[0])
-        replace_weight_and_bias(gm, conv, folded.to(weight.dtype), (bias + shift).to(weight.dtype), "_bn")
+            return "the convolution pads its input with zeros, not with the BatchNorm shift"
+        return None
 
 
-class BatchNormThenLinear(Rule):
+class BatchNormThenLinear(_BatchNormBefore):
     name = "bn_linear"
+    consumer = LINEAR
 
-    def match(self, gm, node):
-        m = _match_bn_then_consumer(gm, node, LINEAR)
-        if not m:
-            return m
+    def legal(self, m):
         if gu.rank(m.nodes["out"]) != 2:
-            return NoMatch("BatchNorm normalizes a dimension other than the linear's features")
-        params = weight_and_bias(gm, m.nodes["op"])
-        if isinstance(params, str):
-            return NoMatch(params)
-        m.values["weight"], m.values["bias"] = params
-        return m
-
-    def rewrite(self, gm, m):
-        linear, s, t = m.nodes["op"], m.values["s"], m.values["t"]
-        weight = m.values["weight"]
-        w64 = weight.double()
-        bias = m.values["bias"].double() if m.values["bias"] is not None else torch.zeros(w64.shape[0], dtype=torch.float64)
-        linear.replace_input_with(m.nodes["out"], m.nodes["bn"].args[0])
-        replace_weight_and_bias(gm, linear, (w64 * s[None, :]).to(weight.dtype), (bias + w64 @ t).to(weight.dtype), "_bn")
+            return "BatchNorm normalizes a dimension other than the linear's features"
+        return None
 
 
 FOLD_RULES = [ConvThenBatchNorm(), LinearThenBatchNorm(), BatchNormThenConv(), BatchNormThenLinear()]
