@@ -8,12 +8,18 @@ as ``optcc.compile`` and runs the same pass pipeline, so a pass is written once.
 Options (all optional): ``passes`` (as for ``optcc.compile``), ``target`` (default
 ``"eager"``: dynamo already removed the Python overhead, and ``"inductor"`` compiles the
 rewritten graph with TorchInductor), ``verify``, ``tolerance``, ``fail_fast``, ``guard``
-(default True; False skips the per-call check of the frozen weights described below,
-as ``optcc.compile(..., guard=False)`` does).
+(default True; ``"full"`` also compares running statistics on every call; False skips
+the per-call check of the frozen weights described below, as
+``optcc.compile(..., guard=False)`` does).
 
-Dynamo does not guard on the values of parameters, so the backend does: a frozen tensor
-that was replaced, updated in place or given new storage since the graph was built, or
-running statistics with new values, trigger a rebuild.
+Dynamo does not guard on the values of parameters, so the backend does (``optcc.guard``):
+a frozen tensor that was replaced, updated in place or given new storage since the graph
+was built triggers a rebuild (identity, version counter and data pointer of the inputs
+dynamo marks static, checked on every call), and so do running statistics with new
+values (BatchNorm's kernel updates them in training without a version bump): those are
+compared after a ``train()``/``eval()`` call or a registration anywhere in the process
+moved the guard's generation, and on every call with ``"guard": "full"``. Dynamo's own
+guards see train/eval flags and replaced submodules.
 
 A dynamo graph that cannot be captured runs unoptimized, with a warning (as
 ``optcc.compile`` falls back to eager); ``fail_fast=True`` makes that an error.
@@ -22,16 +28,18 @@ A dynamo graph that cannot be captured runs unoptimized, with a warning (as
 
 from __future__ import annotations
 
+import operator
 import warnings
 import weakref
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
 from . import ir
-from .compile import (BUILD_LOCK, Pipeline, RunningStatistics, Specialization, TargetError, default_passes,
-                      resolve_target, signature_of)
+from . import guard as guards
+from .compile import BUILD_LOCK, Pipeline, Specialization, TargetError, default_passes, resolve_target, signature_of
+from .guard import RunningStatistics, TensorWatch
 from .pass_base import make_pass
 from .report import Report
 
@@ -77,13 +85,19 @@ class _CompiledDynamoGraph:
     symbolic (dynamic shapes); dynamo calls the result right after compiling anyway.
     """
 
-    def __init__(self, gm: fx.GraphModule, pipeline: Pipeline, guard: bool = True):
+    def __init__(self, gm: fx.GraphModule, pipeline: Pipeline, guard: bool | str = True):
+        guard = guards.guard_level(guard)
+        if guard:
+            guards.install_hooks()
         self.gm = gm
         self.pipeline = pipeline
         self.guard = guard
         self.frozen: list[int] | None = None
-        self.versions: list[tuple[int, int, int]] = []
-        self.statistics: RunningStatistics | None = None
+        self.frozen_of: Callable[[Sequence[Any]], Sequence[Any]] = lambda inputs: ()
+        # (watch over the frozen inputs, their running statistics) as of the latest build;
+        # one tuple, replaced whole, so a thread checking it never sees half of a new one
+        self.state: tuple[TensorWatch, RunningStatistics] | None = None
+        self.seen = guards.generation()
         self.user_positions: list[int] = []
         _live_graphs.add(self)
 
@@ -92,13 +106,24 @@ class _CompiledDynamoGraph:
         """The specialisations built so far (graph module, runner, report each)."""
         return list(self.pipeline.cache.values())
 
-    def _model_state(self, inputs: Sequence[Any]) -> list[tuple[int, int, int]]:
-        # identity (a replaced parameter), version (in-place updates) and data pointer
-        # (``param.data = ...`` swaps the storage without bumping the version)
-        return [(id(inputs[i]), inputs[i]._version, inputs[i].data_ptr()) for i in self.frozen or ()]
-
-    def _same_state(self, state: list) -> bool:
-        return state == self.versions and self.statistics is not None and not self.statistics.changed()
+    def _same_state(self, frozen: Sequence[Any]) -> bool:
+        state = self.state
+        if state is None:
+            return False
+        watch, statistics = state
+        if not watch.matches(frozen):  # replaced, updated in place or moved
+            return False
+        if self.guard == "full":
+            return not statistics.changed()
+        seen = guards.generation()
+        if seen == self.seen:
+            return True
+        # a train()/eval() call or a registration since: BatchNorm may have updated its
+        # running statistics in an eager training step (no version bump)
+        if statistics.changed():
+            return False
+        self.seen = seen
+        return True
 
     def __call__(self, *inputs: Any) -> Any:
         if self.frozen is None:
@@ -109,18 +134,25 @@ class _CompiledDynamoGraph:
                     # the list of frozen positions on each call cost ~0.4 ms a call on resnet50.
                     frozen_positions = set(frozen)
                     self.user_positions = [i for i in range(len(inputs)) if i not in frozen_positions]
+                    if len(frozen) > 1:
+                        self.frozen_of = operator.itemgetter(*frozen)  # one C call, a tuple
+                    elif frozen:
+                        self.frozen_of = lambda inputs, i=frozen[0]: (inputs[i],)
                     self.frozen = frozen
         user = [inputs[i] for i in self.user_positions]
         key = signature_of(user)
-        unchanged = self._same_state(self._model_state(inputs)) if self.guard else self.statistics is not None
+        if self.guard:
+            unchanged = self._same_state(self.frozen_of(inputs))
+        else:
+            unchanged = self.state is not None
         entry = self.pipeline.cache.get(key) if unchanged else None
         if entry is None:
             with BUILD_LOCK:  # one build at a time; a thread that waited finds the others' work
-                state = self._model_state(inputs)
-                if not self._same_state(state):  # weights replaced or updated: folded copies are stale
+                frozen = self.frozen_of(inputs)
+                if not self._same_state(frozen):  # weights replaced or updated: folded copies are stale
                     self.pipeline.cache.clear()
-                    self.versions = state
-                    self.statistics = RunningStatistics([inputs[i] for i in self.frozen])
+                    self.seen = guards.generation()
+                    self.state = (TensorWatch(frozen), RunningStatistics(frozen))
                 entry = self.pipeline.cache.get(key)
                 if entry is None:
                     entry = self._build(inputs, user)
@@ -151,6 +183,7 @@ def optcc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
     unknown = set(options) - _OPTION_NAMES
     if unknown:
         raise TypeError(f"unknown optcc backend option(s) {sorted(unknown)}; known: {sorted(_OPTION_NAMES)}")
+    guards.guard_level(options.get("guard", True))  # a bad value fails before any work
     passes = options.get("passes")
     target = options.get("target", "eager")
     if target == "auto":
@@ -162,4 +195,4 @@ def optcc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
         tolerance=options.get("tolerance"),
         fail_fast=bool(options.get("fail_fast", False)),
     )
-    return _CompiledDynamoGraph(gm, pipeline, guard=bool(options.get("guard", True)))
+    return _CompiledDynamoGraph(gm, pipeline, guard=options.get("guard", True))

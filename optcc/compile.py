@@ -16,7 +16,8 @@ Targets:
 A compiled graph is specialised to the shapes, dtypes and devices of the inputs it was
 built for. A call with different ones builds (and caches) another specialisation rather
 than run a graph that does not fit. A change to the model's weights or to its
-train/eval mode is noticed, and the graph is rebuilt: folded weights are never stale.
+train/eval mode is noticed (:mod:`optcc.guard`), and the graph is rebuilt: folded
+weights are never stale.
 Inputs the model itself cannot run raise :class:`InputMismatchError` (what was compiled
 for, what came, and the model's own error). Builds hold :data:`BUILD_LOCK`, so a compiled
 module can be called from several threads. See docs/guarantees.md.
@@ -25,7 +26,6 @@ module can be called from several threads. See docs/guarantees.md.
 from __future__ import annotations
 
 import logging
-import operator
 import threading
 import time
 import warnings
@@ -39,6 +39,7 @@ from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
 from . import ir
+from .guard import FullStateGuard, make_guard
 from .pass_base import Pass, PassSpec, make_pass, registered_passes
 from .pass_manager import PassManager, order_constraints
 from .report import Report
@@ -125,6 +126,10 @@ class Specialization:
     runner: Callable
     report: Report
     compile_seconds: float = 0.0
+    #: dotted names of the model's tensors the graph froze and reads (what the guard
+    #: watches); None: unknown, watch them all; () for the eager fallback, which runs
+    #: the model itself and cannot go stale
+    state_targets: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -142,94 +147,19 @@ class Pipeline:
     def build(self, capture: Callable[[], fx.GraphModule], flat_inputs: Sequence[Any]) -> Specialization:
         start = time.perf_counter()
         gm = capture()
+        state_targets = gm.meta.get("optcc_state_targets")  # read before the passes copy the graph
         manager = PassManager(self.passes, verify=self.verify, example_inputs=flat_inputs,
                               tolerance=self.tolerance, fail_fast=self.fail_fast,
                               dump_after_each=self.dump_after_each)
         gm, report = manager.run(gm)
         runner = lower(gm, self.target, flat_inputs)
         report.notes.append(f"target: {self.target}; inputs {_describe(signature_of(flat_inputs))}")
-        return Specialization(gm, runner, report, time.perf_counter() - start)
+        return Specialization(gm, runner, report, time.perf_counter() - start, state_targets)
 
-
-_VERSION = operator.attrgetter("_version")
-_DATA_PTR = torch.Tensor.data_ptr
-_TRAINING = operator.attrgetter("training")
 
 # torch.export patches global operator tables while it decomposes a graph, so two
 # captures must never run at once, whichever modules or threads they come from.
 BUILD_LOCK = threading.RLock()
-
-
-class RunningStatistics:
-    """The values of 1-D floating buffers: running statistics.
-
-    BatchNorm updates its running mean and variance in training inside the batch_norm
-    kernel, which bumps no version counter, so a model trained eagerly and switched back
-    to eval would look unchanged. These buffers are small (one value per channel): one
-    ``torch.cat`` + ``torch.equal`` per dtype compares them all (~70 us on resnet50).
-    """
-
-    def __init__(self, tensors: Sequence[torch.Tensor]):
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for t in tensors:
-            if t.dim() == 1 and t.is_floating_point() and not isinstance(t, torch.nn.Parameter):
-                by_dtype.setdefault(t.dtype, []).append(t)
-        self.groups = [(group, torch.cat(group).clone()) for group in by_dtype.values()]
-
-    def changed(self) -> bool:
-        return not all(torch.equal(torch.cat(group), saved) for group, saved in self.groups)
-
-
-def _counts_its_updates(module: torch.nn.Module) -> bool:
-    counter = module._buffers.get("num_batches_tracked")
-    return isinstance(counter, torch.Tensor)
-
-
-class StateGuard:
-    """Notices when a model's weights are replaced or updated in place, or a mode flips.
-
-    Checked on every call, so it is kept to a few flat passes over lists made once:
-    tensor version counters (bumped by every in-place update, ``load_state_dict``
-    included), data pointers (``param.data = ...`` and ``model.to(dtype)`` swap the
-    storage without bumping the version), train/eval flags, the identity of everything
-    registered on each module (parameters, buffers, submodules: a replaced parameter or
-    layer), the number of entries (one added or deleted) and the values of running
-    statistics (:class:`RunningStatistics`).
-    """
-
-    def __init__(self, model: Any):
-        self.model = model
-        self.snapshot()
-
-    def snapshot(self) -> None:
-        # walked again each time: a replaced submodule brings tensors of its own
-        self.modules = list(self.model.modules()) if isinstance(self.model, torch.nn.Module) else []
-        self.dicts = [d for m in self.modules for d in (m._parameters, m._buffers, m._modules)]
-        self.sizes = list(map(len, self.dicts))
-        slots = [(d, name, value) for d in self.dicts for name, value in d.items() if value is not None]
-        self.slot_dicts = [d for d, _, _ in slots]
-        self.slot_names = [name for _, name, _ in slots]
-        self.slot_values = [value for _, _, value in slots]
-        self.tensors = [v for v in self.slot_values if isinstance(v, torch.Tensor)]
-        self.versions = list(map(_VERSION, self.tensors))
-        self.pointers = list(map(_DATA_PTR, self.tensors))
-        self.modes = list(map(_TRAINING, self.modules))
-        # A BatchNorm step in training bumps the version of num_batches_tracked (a Python
-        # add_), which the version check sees; only buffers of modules without such a
-        # counter need their values compared on every call.
-        self.statistics = RunningStatistics([b for m in self.modules if not _counts_its_updates(m)
-                                             for b in m._buffers.values() if b is not None])
-
-    def changed(self) -> bool:
-        # map() with C-level getters: about half the cost of the equivalent comprehensions
-        return (
-            list(map(_VERSION, self.tensors)) != self.versions
-            or list(map(_TRAINING, self.modules)) != self.modes
-            or list(map(len, self.dicts)) != self.sizes
-            or not all(map(operator.is_, map(dict.get, self.slot_dicts, self.slot_names), self.slot_values))
-            or list(map(_DATA_PTR, self.tensors)) != self.pointers
-            or self.statistics.changed()
-        )
 
 
 class InputMismatchError(TypeError):
@@ -244,10 +174,10 @@ class OptimizedModule(torch.nn.Module):
     the module runs the original model eagerly).
     """
 
-    def __init__(self, model: torch.nn.Module | ExportedProgram, pipeline: Pipeline, guard: bool = True):
+    def __init__(self, model: torch.nn.Module | ExportedProgram, pipeline: Pipeline, guard: bool | str = True):
         super().__init__()
         self.__dict__["_model"] = model  # not a submodule: its weights are not ours to own
-        self.__dict__["_guard"] = StateGuard(model) if guard else None
+        self.__dict__["_guard"] = make_guard(model, guard)
         self.pipeline = pipeline
         self._latest: Specialization | None = None
 
@@ -272,7 +202,12 @@ class OptimizedModule(torch.nn.Module):
         with BUILD_LOCK:
             self.pipeline.cache.clear()
             if self._guard is not None:
-                self._guard.snapshot()
+                self._guard.snapshot(watch=())
+
+    @property
+    def guard(self) -> FullStateGuard | None:
+        """The guard checked before every call (:mod:`optcc.guard`), None with ``guard=False``."""
+        return self._guard
 
     def _model_changed(self) -> bool:
         return self._guard is not None and self._guard.changed()
@@ -290,12 +225,15 @@ class OptimizedModule(torch.nn.Module):
             if self._model_changed():
                 log.info("optcc: the model's weights or mode changed; recompiling")
                 self.pipeline.cache.clear()
-                self._guard.snapshot()
+                self._guard.snapshot(watch=())  # before the build: a change during it is seen
             entry = self.pipeline.cache.get(sig)
             if entry is None:
                 if self.pipeline.cache:
                     log.info("optcc: new input signature %s; compiling a specialisation", _describe(sig))
                 entry = self._build(args, kwargs, flat)
+                if self._guard is not None:
+                    self._guard.watch(entry.state_targets)  # what this graph froze
+                    self._guard.settle()
                 self.pipeline.cache[sig] = entry
         self._latest = entry
         return entry
@@ -322,7 +260,7 @@ class OptimizedModule(torch.nn.Module):
             warnings.warn(f"optcc: {exc}; running the model eagerly instead", stacklevel=5)
             report = Report()
             report.notes.append(f"capture failed, running eagerly: {exc}")
-            return Specialization(None, lambda *a, **k: model(*a, **k), report)
+            return Specialization(None, lambda *a, **k: model(*a, **k), report, state_targets=())
 
     def _raise_if_model_rejects(self, args: tuple, kwargs: dict, flat: list, capture_error: Exception) -> None:
         try:
@@ -355,7 +293,7 @@ def compile(
     tolerance: float | None = None,
     fail_fast: bool = False,
     dump_after_each: bool = False,
-    guard: bool = True,
+    guard: bool | str = True,
 ) -> OptimizedModule:
     """Optimize ``model`` with ``passes`` and return a module that runs the result.
 
@@ -364,11 +302,15 @@ def compile(
     ``verify=True`` checks each pass on ``example_inputs`` and rolls back an exact pass
     that changes the outputs by more than ``tolerance`` (default 1e-5 relative in fp32).
     ``fail_fast=True`` makes a failing pass or capture an error instead of a warning.
-    ``guard=False`` promises that the model will not change after this call (no weight
-    updates, replaced layers or train/eval switch): the per-call check of its state,
-    which walks every parameter, buffer and submodule, is skipped and folded weights go
-    stale if the promise is broken - the contract of timm's ``reparameterize_model`` or
-    Inductor's ``freezing``. ``compiled.refresh()`` rebuilds after a deliberate change.
+    ``guard`` (:mod:`optcc.guard`): True checks before every call that the tensors the
+    graph read were not replaced, updated in place or moved, and walks the whole model
+    only after torch reported a registration or a ``train()``/``eval()`` call (cost
+    independent of the number of modules); ``"full"`` walks every parameter, buffer and
+    submodule on every call (also sees ``module.training`` assigned directly);
+    ``False`` promises that the model will not change after this call (no weight updates,
+    replaced layers or train/eval switch): no check, and folded weights go stale if the
+    promise is broken - the contract of timm's ``reparameterize_model`` or Inductor's
+    ``freezing``. ``compiled.refresh()`` rebuilds after a deliberate change.
     The model is compiled now, on ``example_inputs``, so errors surface here.
     """
     pass_list = default_passes() if passes is None else [make_pass(p) for p in passes]

@@ -11,7 +11,8 @@ A captured model is a ``torch.fx.GraphModule`` with these properties:
   ``aten.gelu``.
 * flat calling convention: ``forward(*tensors) -> tuple(tensors)``. The pytree specs
   that map the user's ``(args, kwargs)`` and outputs onto that flat form are kept in
-  ``gm.meta["optcc_in_spec"]`` / ``gm.meta["optcc_out_spec"]``.
+  ``gm.meta["optcc_in_spec"]`` / ``gm.meta["optcc_out_spec"]``; the dotted names of the
+  model's tensors the graph reads in ``gm.meta["optcc_state_targets"]`` (for the guard).
 * parameters, buffers and lifted constants are frozen: detached copies stored as
   attributes and read with ``get_attr`` nodes, so a pass can fold them. Passes never
   modify a constant in place; they register a new one (:func:`add_constant`).
@@ -215,6 +216,14 @@ def graph_module_from_program(program: ExportedProgram) -> fx.GraphModule:
     gm = fx.GraphModule(root, graph, class_name="CanonicalGraph")
     gm.meta["optcc_in_spec"] = program.call_spec.in_spec
     gm.meta["optcc_out_spec"] = program.call_spec.out_spec
+    # The model's tensors (dotted names) this graph froze and reads: what optcc's guard
+    # watches on every call (an unread one, such as BatchNorm's num_batches_tracked in
+    # eval, cannot make the graph stale).
+    read = {node.name for node in program.graph.nodes if node.op == "placeholder" and node.users}
+    gm.meta["optcc_state_targets"] = tuple(
+        spec.target for spec in signature.input_specs
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+        and spec.target is not None and spec.arg.name in read)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm

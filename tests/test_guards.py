@@ -1,6 +1,6 @@
 """Compiled modules never run stale folded weights: every way of changing a model's
 parameters, buffers, structure or mode is noticed, by optcc.compile and by
-torch.compile(backend="optcc") alike (optcc/compile.py StateGuard, optcc/backend.py)."""
+torch.compile(backend="optcc") alike (optcc/guard.py, optcc/backend.py)."""
 
 from __future__ import annotations
 
@@ -74,9 +74,14 @@ def _replaced_buffer(model):
     model.bn.running_mean = torch.randn(8)
 
 
+def _buffer_written_into_its_dict(model):
+    # what Module._apply (.to(), .half()) does with buffers: no registration hook runs
+    model.bn._buffers["running_var"] = model.bn.running_var * 3
+
+
 MUTATIONS = {f.__name__.lstrip("_"): f for f in (
     _in_place_weight, _in_place_buffer, _load_state_dict, _replaced_parameter, _replaced_submodule,
-    _data_assignment, _replaced_buffer)}
+    _data_assignment, _replaced_buffer, _buffer_written_into_its_dict)}
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS)
@@ -113,7 +118,7 @@ def test_eval_train_eval(entry):
 
 
 def test_guard_notices_added_and_deleted_entries():
-    from optcc.compile import StateGuard
+    from optcc.guard import StateGuard
 
     model = make_net()
     guard = StateGuard(model)
@@ -159,3 +164,123 @@ def test_unguarded_module_keeps_its_build_until_refreshed(entry):
     if entry == "optcc.compile":
         compiled.refresh()
         assert_matches(compiled, model, x)
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS)
+def test_full_guard_sees_every_change_too(mutation):
+    model, x = make_net(), torch.randn(2, 3, 8, 8)
+    compiled = optcc.compile(model, ["bn_reparam"], example_inputs=(x,), target="eager", guard="full")
+    assert_matches(compiled, model, x)
+    MUTATIONS[mutation](model)
+    assert_matches(compiled, model, x)
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh())
+        self.heads = nn.ModuleDict({"a": nn.Linear(4, 2)})
+
+    def forward(self, x):
+        x = self.layers(x)
+        return [head(x) for head in self.heads.values()]
+
+
+CONTAINER_EDITS = {
+    "del_item": lambda m: m.layers.__delitem__(3),  # replaces the Sequential's child dict
+    "insert": lambda m: m.layers.insert(1, nn.Linear(4, 4)),  # writes into it directly
+    "moduledict_pop": lambda m: (m.heads.update({"b": nn.Linear(4, 3)}), m.heads.pop("a")),
+    "moduledict_clear_and_refill": lambda m: (m.heads.clear(), m.heads.update({"c": nn.Linear(4, 2)})),
+}
+
+
+@pytest.mark.parametrize("edit", CONTAINER_EDITS)
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_edited_containers_are_never_served_stale(entry, edit):
+    model, x = Stack().eval(), torch.randn(3, 4)
+    compiled = compiled_for(entry, model, x)
+    with torch.no_grad():
+        before = model(x)
+        assert [output_error([a], [b]) for a, b in zip(before, compiled(x))] == [0.0] * len(before)
+        CONTAINER_EDITS[edit](model)
+        expected, got = model(x), compiled(x)
+    assert len(expected) == len(got)
+    assert all(e.shape == g.shape and output_error([e], [g]) <= 1e-5 for e, g in zip(expected, got))
+
+
+def test_default_guard_walks_the_model_only_after_an_event(monkeypatch):
+    """The per-call check touches only what the graph read; the whole model is compared
+    only after a registration, a train()/eval() call or a deletion moved the generation."""
+    from optcc import guard as guards
+
+    model, x = make_net(), torch.randn(2, 3, 8, 8)
+    compiled = compiled_for("optcc.compile", model, x)
+    compiled(x)
+    walks = []
+    original = guards._FullSnapshot.changed
+    monkeypatch.setattr(guards._FullSnapshot, "changed", lambda self: walks.append(1) or original(self))
+    first = compiled.graph_module
+    for _ in range(5):
+        compiled(x)
+    assert walks == []
+    nn.Linear(3, 3)  # an unrelated registration anywhere moves the generation ...
+    compiled(x)
+    assert len(walks) == 1 and compiled.graph_module is first  # ... one walk finds nothing, no rebuild
+    model.train()
+    model.eval()  # back to the mode the graph was built in
+    compiled(x)
+    compiled(x)
+    assert len(walks) == 2 and compiled.graph_module is first
+
+
+def test_default_guard_watches_only_what_the_graph_read():
+    model, x = make_net(), torch.randn(2, 3, 8, 8)
+    compiled = compiled_for("optcc.compile", model, x)
+    every = len(list(model.parameters())) + len(list(model.buffers()))
+    # conv weight+bias, bn weight/bias/mean/var, head weight+bias; not num_batches_tracked
+    assert compiled.guard.watched == every - 1 == 8
+    first = compiled.graph_module
+    model.bn.num_batches_tracked.add_(1)  # eval BatchNorm does not read it
+    compiled(x)
+    assert compiled.graph_module is first
+    _in_place_weight(model)
+    assert_matches(compiled, model, x)
+    assert compiled.graph_module is not first
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_full_guard_sees_a_training_flag_assigned_directly(entry):
+    """model.bn.training = True (not model.train()) calls no hook: guard="full" compares
+    every module's flag on every call (the default does not, docs/guarantees.md)."""
+    model, x = make_net(), torch.randn(4, 3, 8, 8)
+    if entry == "optcc.compile":
+        compiled = optcc.compile(model, ["bn_reparam"], example_inputs=(x,), target="eager", guard="full")
+    else:
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="optcc", options={"passes": ["bn_reparam"], "guard": "full"})
+    assert_matches(compiled, model, x)
+    model.bn.training = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_out = compiled(x)
+    expected_train = model(x)  # batch statistics; updates the running statistics
+    assert output_error([expected_train], [train_out]) <= 1e-5
+    model.bn.training = False
+    assert_matches(compiled, model, x)  # folded with the updated statistics
+
+
+def test_swapped_tensor_is_never_served_stale():
+    """torch.utils.swap_tensors keeps the Python object and gives it another TensorImpl
+    (whose version counter may well be lower). Only through torch.compile: torch.export
+    leaves a weak reference on the parameters it traced, and swap_tensors refuses those."""
+    model, x = make_net(), torch.randn(2, 3, 8, 8)
+    compiled = compiled_for("torch.compile", model, x)
+    assert_matches(compiled, model, x)
+    torch.utils.swap_tensors(model.conv.weight, nn.Parameter(torch.randn_like(model.conv.weight)))
+    assert_matches(compiled, model, x)
+
+
+def test_bad_guard_value_is_refused():
+    model, x = make_net(), torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="guard"):
+        optcc.compile(model, ["bn_reparam"], example_inputs=(x,), target="eager", guard="fast")
