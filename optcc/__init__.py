@@ -3,12 +3,16 @@
     compiled = optcc.compile(model, passes=["bn_reparam"], example_inputs=(x,))
     print(compiled.report)
 
-See README.md and docs/architecture.md.
+See README.md and docs/architecture.md. The function lives in :mod:`optcc.compiler`; the
+error classes users catch are exported here (``optcc.InputMismatchError``,
+``optcc.TargetError``, ``optcc.CaptureError``, ``optcc.PassOrderError``, ``optcc.OptionError``,
+``optcc.OnnxError``).
 """
 
-from .compile import OptimizedModule, Pipeline, TargetError, compile, default_passes
+from .compiler import InputMismatchError, OptimizedModule, Pipeline, TargetError, compile, default_passes
 from .dump import graph_dot, graph_text
 from .ir import CaptureError, capture, op_counts
+from .onnx_io import OnnxError
 from .pass_base import (
     OptionError,
     Pass,
@@ -25,7 +29,7 @@ from .report import PassRecord, Report
 __version__ = "0.1.0"
 
 __all__ = [
-    "CaptureError", "OptimizedModule", "OptionError", "Pass", "PassError", "PassManager",
+    "CaptureError", "InputMismatchError", "OnnxError", "OptimizedModule", "OptionError", "Pass", "PassError", "PassManager",
     "PassOrderError", "PassRecord", "PassResult", "Pipeline", "Report", "TargetError",
     "UnknownPassError", "capture", "compile", "default_passes", "get_pass", "graph_dot",
     "graph_text", "list_passes", "op_counts", "register_pass",

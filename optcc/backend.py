@@ -38,7 +38,7 @@ import torch.fx as fx
 
 from . import ir
 from . import guard as guards
-from .compile import BUILD_LOCK, Pipeline, Specialization, TargetError, default_passes, resolve_target, signature_of
+from .compiler import BUILD_LOCK, Pipeline, Specialization, TargetError, default_passes, resolve_target, signature_of
 from .guard import RunningStatistics, TensorWatch
 from .pass_base import make_pass
 from .report import Report

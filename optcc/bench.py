@@ -36,8 +36,8 @@ from torch.export import ExportedProgram
 from torch.utils import _pytree as pytree
 
 from . import hardware
-from .compile import compile as optcc_compile
-from .compile import default_passes
+from .compiler import compile as optcc_compile
+from .compiler import default_passes
 from .pass_base import PassSpec, make_pass
 from .pass_manager import output_error
 

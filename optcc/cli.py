@@ -34,8 +34,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import ir
-from .compile import TargetError, default_passes
-from .compile import compile as optcc_compile
+from .compiler import TargetError, default_passes
+from .compiler import compile as optcc_compile
 from .dump import dot_available, graph_dot, graph_text, triton_text, write_dumps
 from .models import SPEC_HELP, ModelSpecError, load_model
 from .onnx_io import OnnxError

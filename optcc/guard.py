@@ -31,7 +31,7 @@ if so the graph is rebuilt. Three levels (``optcc.compile(..., guard=...)``, and
     written into or deleted from a module's ``_modules`` dict directly (outside the
     containers' own methods), and parameters or buffers the graph did not read written
     into or deleted from ``_parameters`` / ``_buffers`` directly.
-``False``: no check; :meth:`optcc.compile.OptimizedModule.refresh` after a deliberate change.
+``False``: no check; :meth:`optcc.OptimizedModule.refresh` after a deliberate change.
 
 Neither guard sees in-place updates made through ``tensor.data`` (``w.data.mul_(2)``;
 ``.data`` is an alias with a version counter of its own; the full guard sees them only in

@@ -17,7 +17,7 @@ from helpers import randomize_bn
 import optcc
 from optcc import pass_base
 from optcc.cli import main
-from optcc.compile import InputMismatchError
+from optcc.compiler import InputMismatchError
 from optcc.pass_manager import output_error
 
 

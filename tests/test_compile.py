@@ -114,3 +114,15 @@ def test_exported_program_compiles_without_example_inputs(tmp_path):
 def test_unknown_pass_fails_before_any_work():
     with pytest.raises(optcc.UnknownPassError, match="known passes"):
         optcc.compile(make_net(), ["nope"], example_inputs=(torch.randn(1, 3, 8, 8),))
+
+
+def test_public_names_resolve_from_the_package():
+    """``optcc.compile`` is the function (the module is ``optcc.compiler``) and the errors
+    users catch are exported at the top."""
+    import inspect
+
+    import optcc
+
+    assert inspect.isfunction(optcc.compile) and optcc.compile.__module__ == "optcc.compiler"
+    for name in ("InputMismatchError", "TargetError", "CaptureError", "PassOrderError", "OptionError", "OnnxError"):
+        assert issubclass(getattr(optcc, name), Exception), name

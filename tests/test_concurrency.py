@@ -76,7 +76,7 @@ def fresh_dynamo():
 
 
 def test_torch_compile_backend_called_from_many_threads(fresh_dynamo, monkeypatch):
-    from optcc.compile import Pipeline
+    from optcc.compiler import Pipeline
 
     builds = []
     original_build = Pipeline.build

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import optcc
-from optcc.compile import default_passes
+from optcc.compiler import default_passes
 from optcc.regions import has_regions
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default

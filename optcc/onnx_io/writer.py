@@ -35,7 +35,7 @@ def export_onnx(model: Any, path: str | Path, example_inputs: Any = None) -> Pat
     graph is written), a canonical ``GraphModule`` (inputs default to random ones of its
     recorded shapes), or any ``nn.Module`` with ``example_inputs``.
     """
-    from optcc.compile import OptimizedModule
+    from optcc.compiler import OptimizedModule
 
     onnx = require_onnx()
     if isinstance(model, OptimizedModule):

@@ -16,7 +16,7 @@ import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 
 import optcc
-from optcc.compile import default_passes
+from optcc.compiler import default_passes
 from optcc.pass_base import registered_passes
 from optcc.pass_manager import PassManager, output_error, snapshot
 
