@@ -145,18 +145,15 @@ def _has_onednn() -> bool:
 
 def _onednn(xq, weight, scale):
     packed = packed_weights.get("onednn", weight, lambda w: torch.ops.onednn.qlinear_prepack(w, None))
-    zero_points = _zeros_like_channels(scale)
+    zero_points = _zeros(scale.shape[0])
     return torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, packed, scale, zero_points, None, 1.0, 0,
                                               torch.float32, "none", [], "")
 
 
 @functools.lru_cache(maxsize=64)
-def _zeros_cached(n: int) -> torch.Tensor:
+def _zeros(n: int) -> torch.Tensor:
+    """The weight zero points oneDNN asks for (symmetric quantization: all 0), one per size."""
     return torch.zeros(n, dtype=torch.long)
-
-
-def _zeros_like_channels(scale: torch.Tensor) -> torch.Tensor:
-    return _zeros_cached(scale.shape[0])
 
 
 def _int_mm(xq, weight, scale):

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .int8_cpu import choose, quantize_rows_int8
-from .int8_quantize import int8_linear_reference, outlier_columns, quantize_rows, quantize_weight, row_scales
+from .int8_quantize import int8_linear_reference, outlier_columns, quantize_rows, quantize_weight
 
 __all__ = ["int8_linear", "int8_linear_reference", "quantize_weight", "quantize_rows", "outlier_columns",
            "collect_stats", "LayerStats"]
@@ -108,22 +108,17 @@ def _int8_linear_cpu(x, weight, weight_scale, bias, threshold, weight_only, kern
     if columns is not None and columns.numel() == 0:
         columns = None
     if rows.shape[0] == 0:
-        y = rows.new_zeros(0, weight.shape[0])
-    elif kernel.reads_int8:
+        return rows.new_zeros(0, weight.shape[0]), rows, outliers, kernel.name
+    if kernel.reads_int8:
         xq, row_scale = quantize_rows_int8(rows, columns)
-        y = kernel.run(xq, weight, weight_scale)
     else:
-        inliers = rows.index_fill(1, columns, 0.0) if columns is not None else rows
-        row_scale, safe = row_scales(inliers)
-        xq = torch.mul(inliers, safe.reciprocal()[:, None]).round_()
-        y = kernel.run(xq, weight, weight_scale)
+        xq, row_scale = quantize_rows(rows.index_fill(1, columns, 0.0) if columns is not None else rows)
+    y = kernel.run(xq, weight, weight_scale)
     # y = a_i (Xq Wq^T s)_ij + b_j (+ outliers): one pass with the bias, in place
-    if bias is not None and rows.shape[0]:
+    if bias is not None:
         y = torch.addcmul(bias.float(), y, row_scale[:, None], out=y)
     else:
-        y = y.mul_(row_scale[:, None]) if rows.shape[0] else y
-        if bias is not None:
-            y = y + bias.float()
+        y = y.mul_(row_scale[:, None])
     if columns is not None:
         w_out = weight.index_select(1, columns).float() * weight_scale[:, None]
         y = y.addmm_(rows.index_select(1, columns), w_out.t())

@@ -40,17 +40,11 @@ def outlier_columns(rows: torch.Tensor, threshold: float | None) -> torch.Tensor
     return (rows.amax(dim=0) >= threshold) | (rows.amin(dim=0) <= -threshold)
 
 
-def row_scales(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a, safe)``: the per-row absmax scales, and the same with 0 replaced by 1 (an
-    all-zero row quantizes to zeros with any scale; 1 keeps the reciprocal finite)."""
-    scale = rows.abs().amax(dim=1) / 127.0
-    return scale, torch.where(scale > 0, scale, torch.ones_like(scale))
-
-
 def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row absmax quantization: ``rows ~ q * scale[:, None]``; q holds integers in
     [-127, 127] (returned in ``rows``' float dtype, so kernels can feed it where they need)."""
-    scale, safe = row_scales(rows)
+    scale = rows.abs().amax(dim=1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays 0 with any scale
     return torch.mul(rows, safe.reciprocal()[:, None]).round_(), scale
 
 

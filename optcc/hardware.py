@@ -58,21 +58,22 @@ class CpuInfo:
 
 
 def _cpuinfo() -> tuple[str, frozenset[str]]:
-    model, flags = platform.processor() or platform.machine(), frozenset()
+    """The first ``model name`` and ``flags`` (``Features`` on ARM) lines of /proc/cpuinfo."""
+    model, flags = None, None
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 key = key.strip()
-                if key == "model name" and model in ("", platform.processor(), platform.machine()):
+                if key == "model name" and model is None:
                     model = value.strip()
-                elif key in ("flags", "Features") and not flags:
+                elif key in ("flags", "Features") and flags is None:
                     flags = frozenset(value.split())
-                if model and flags:
+                if model is not None and flags is not None:
                     break
     except OSError:
         pass
-    return model or "unknown CPU", flags
+    return model or platform.processor() or platform.machine() or "unknown CPU", flags or frozenset()
 
 
 @functools.cache

@@ -101,6 +101,15 @@ class VocabularyBlock(nn.Module):
         return shape
 
 
+class SequenceBlock(VocabularyBlock):
+    """A token block whose constructor also needs the sequence length: ``cls(b, d, length)``."""
+
+    @classmethod
+    def build(cls, b: Block, shape: Shape) -> nn.Module:
+        length, d = shape
+        return cls(b, d, length)
+
+
 def input_domain(input_shape: tuple[int, ...]) -> str:
     return "image" if len(input_shape) == 4 else "tokens"
 
@@ -118,7 +127,8 @@ def vocabulary_block(domain: str, kind: str) -> type[VocabularyBlock]:
 
 class ConvBlock(VocabularyBlock):
     kind = "conv"
-    domains = ('image',)
+    domains = ("image",)
+
     def __init__(self, b: Block, cin: int):
         super().__init__()
         groups = {"1": 1, "dw": cin, "2": 2}[b.groups]
@@ -144,7 +154,8 @@ class ConvBlock(VocabularyBlock):
 
 class ConvTransposeBlock(VocabularyBlock):
     kind = "conv_transpose"
-    domains = ('image',)
+    domains = ("image",)
+
     def __init__(self, b: Block, cin: int):
         super().__init__()
         self.conv = nn.ConvTranspose2d(cin, b.cout, b.k, b.stride, groups=b.groups, bias=b.bias)
@@ -168,7 +179,8 @@ def conv_bn(cin: int, cout: int, kernel: tuple[int, int] | int, stride: int = 1,
 
 class Residual(VocabularyBlock):
     kind = "residual"
-    domains = ('image',)
+    domains = ("image",)
+
     def __init__(self, b: Block, c: int):
         super().__init__()
         self.body = nn.Sequential(conv_bn(c, c, 3), nn.ReLU(), conv_bn(c, c, b.k))
@@ -182,7 +194,7 @@ class RepVGG(VocabularyBlock):
     """kxk+BN + 1x1+BN (+ identity BN) summed: a training-time RepVGG / MobileOne block."""
 
     kind = "repvgg"
-    domains = ('image',)
+    domains = ("image",)
 
     def __init__(self, b: Block, cin: int):
         super().__init__()
@@ -211,7 +223,8 @@ class RepVGG(VocabularyBlock):
 
 class ACNet(VocabularyBlock):
     kind = "acnet"
-    domains = ('image',)
+    domains = ("image",)
+
     def __init__(self, b: Block, c: int):
         super().__init__()
         self.square, self.hor, self.ver = conv_bn(c, c, 3), conv_bn(c, c, (1, 3)), conv_bn(c, c, (3, 1))
@@ -225,7 +238,7 @@ class DBBAvg(VocabularyBlock):
     """Diverse Branch Block: kxk, 1x1, and 1x1 -> BN -> avg-pool -> BN branches."""
 
     kind = "dbb"
-    domains = ('image',)
+    domains = ("image",)
 
     def __init__(self, b: Block, c: int):
         super().__init__()
@@ -246,7 +259,7 @@ class RepMLP(VocabularyBlock):
     a nonlinearity, which must keep them apart)."""
 
     kind = "repmlp"
-    domains = ('image',)
+    domains = ("image",)
 
     def __init__(self, b: Block, c: int):
         super().__init__()
@@ -273,7 +286,7 @@ class Branches(VocabularyBlock):
     """Two parallel conv branches joined by concatenation (an Inception-style block)."""
 
     kind = "branches"
-    domains = ('image',)
+    domains = ("image",)
 
     def __init__(self, b: Block, c: int):
         super().__init__()
@@ -292,7 +305,7 @@ class Affine(VocabularyBlock):
     """Constant per-channel scale/shift, standalone BN, or SLAB's RepBN ``BN(x) + a * x``."""
 
     kind = "affine"
-    domains = ('image',)
+    domains = ("image",)
 
     def __init__(self, b: Block, c: int):
         super().__init__()
@@ -314,7 +327,8 @@ class Affine(VocabularyBlock):
 
 class Pool(VocabularyBlock):
     kind = "pool"
-    domains = ('image',)
+    domains = ("image",)
+
     def __init__(self, b: Block, c: int):
         super().__init__()
         self.form = b.form
@@ -330,7 +344,8 @@ class Pool(VocabularyBlock):
 
 class Act(VocabularyBlock):
     kind = "act"
-    domains = ('image', 'tokens')
+    domains = ("image", "tokens")
+
     def __init__(self, b: Block, _: int):
         super().__init__()
         self.act = b.act
@@ -343,7 +358,7 @@ class ImageHead(VocabularyBlock):
     """Global pooling or flattening, then a linear classifier (optionally BN1d after it)."""
 
     kind = "head"
-    domains = ('image',)
+    domains = ("image",)
 
     def __init__(self, b: Block, c: int, h: int, w: int):
         super().__init__()
@@ -371,7 +386,8 @@ class ImageHead(VocabularyBlock):
 
 class ToTokens(VocabularyBlock):
     kind = "to_tokens"
-    domains = ('image',)
+    domains = ("image",)
+
     def forward(self, x):
         return x.flatten(2).transpose(1, 2)
 
@@ -393,7 +409,8 @@ class ToTokens(VocabularyBlock):
 
 class TokenLinear(VocabularyBlock):
     kind = "linear"
-    domains = ('tokens',)
+    domains = ("tokens",)
+
     def __init__(self, b: Block, d: int):
         super().__init__()
         self.linear = nn.Linear(d, b.dout, bias=b.bias)
@@ -416,7 +433,7 @@ class ChannelBN(VocabularyBlock):
     """BN1d over the feature dimension of tokens, through a transpose ([N, D, L])."""
 
     kind = "channel_bn"
-    domains = ('tokens',)
+    domains = ("tokens",)
 
     def __init__(self, b: Block, d: int):
         super().__init__()
@@ -428,7 +445,8 @@ class ChannelBN(VocabularyBlock):
 
 class LayerNorm(VocabularyBlock):
     kind = "layer_norm"
-    domains = ('tokens',)
+    domains = ("tokens",)
+
     def __init__(self, b: Block, d: int):
         super().__init__()
         self.norm = nn.LayerNorm(d, elementwise_affine=b.affine)
@@ -443,7 +461,8 @@ class LayerNorm(VocabularyBlock):
 
 class MLP(VocabularyBlock):
     kind = "mlp"
-    domains = ('tokens',)
+    domains = ("tokens",)
+
     def __init__(self, b: Block, d: int):
         super().__init__()
         self.norm = nn.LayerNorm(d) if b.pre_norm else nn.Identity()
@@ -455,11 +474,11 @@ class MLP(VocabularyBlock):
         return x + y if self.residual else y
 
 
-class TokenMix(VocabularyBlock):
+class TokenMix(SequenceBlock):
     """An MLP-Mixer token-mixing linear: transpose, mix along the token axis, transpose back."""
 
     kind = "token_mix"
-    domains = ('tokens',)
+    domains = ("tokens",)
 
     def __init__(self, b: Block, d: int, length: int):
         super().__init__()
@@ -468,17 +487,12 @@ class TokenMix(VocabularyBlock):
     def forward(self, x):
         return self.mix(x.transpose(1, 2)).transpose(1, 2)
 
-    @classmethod
-    def build(cls, b: Block, shape: Shape) -> nn.Module:
-        length, d = shape
-        return cls(b, d, length)
-
 
 class HeadShuffle(VocabularyBlock):
     """Split the features into heads, swap the head and token axes, and merge again."""
 
     kind = "head_shuffle"
-    domains = ('tokens',)
+    domains = ("tokens",)
 
     def __init__(self, b: Block, d: int):
         super().__init__()
@@ -489,9 +503,10 @@ class HeadShuffle(VocabularyBlock):
         return x.reshape(n, length, self.heads, d // self.heads).transpose(1, 2).reshape(n, length, d)
 
 
-class Attention(VocabularyBlock):
+class Attention(SequenceBlock):
     kind = "attention"
-    domains = ('tokens',)
+    domains = ("tokens",)
+
     def __init__(self, b: Block, d: int, length: int):
         super().__init__()
         self.idiom, self.heads, self.mask_kind = b.idiom, b.heads, b.mask
@@ -562,15 +577,11 @@ class Attention(VocabularyBlock):
             return ~self.key_padding[:, None, None, :]  # SDPA: True = attend
         return self.causal
 
-    @classmethod
-    def build(cls, b: Block, shape: Shape) -> nn.Module:
-        length, d = shape
-        return cls(b, d, length)
-
 
 class TokenHead(VocabularyBlock):
     kind = "head"
-    domains = ('tokens',)
+    domains = ("tokens",)
+
     def __init__(self, b: Block, d: int):
         super().__init__()
         self.pool = b.pool
