@@ -125,6 +125,13 @@ def _topk_plan(attention, keep_tokens, protected):
 
 
 def _token_merge(x, size, dest, n_out, weight=None):
+    # real CUDA tensors only: fake / functional tensors of a trace are subclasses and keep the
+    # torch ops below (exported graphs decompose into scatter_add); the kernel has no backward
+    if type(x) is torch.Tensor and x.is_cuda and not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, size, weight))):
+        from .token_merge_triton import token_merge_triton
+
+        return token_merge_triton(x, size, dest, n_out, weight)
     b, n, c = x.shape
     w = (size if weight is None else weight).to(torch.float32)
     index = dest[:, :, None].expand(b, n, c)
