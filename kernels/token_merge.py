@@ -35,7 +35,8 @@ with ``w = s`` (a size-weighted average, ToMe's ``merge_wavg``) or the given wei
 (``topk``: size x attention, so the fused token is the attention-weighted average of the
 tokens it replaces). ``token_unmerge(x', dest)[b, i] = x'[b, dest[b, i]]`` copies every
 merged token back to its sources (a dense output needs every input token);
-``token_pool(x', s') = sum_j s'_j x'_j / sum_j s'_j`` is the mean over the input tokens.
+``token_pool(x', s', start, mean) = sum_j s'_j x'_j / sum_j s'_j`` is the mean over the input
+tokens (``mean=False``: the sum), for ``x'`` holding the tokens ``start, start + 1, ...`` of ``s'``.
 
 Every op is computed with ``gather`` / ``scatter_add`` / ``topk`` / ``sort`` only (no
 ``scatter_reduce``), so the graph exports to ONNX (``ScatterElements`` with ``add``,
@@ -57,7 +58,7 @@ _lib.define("tome_plan(Tensor metric, Tensor? key_bias, int r, int protected) ->
 _lib.define("topk_plan(Tensor attention, int keep_tokens, int protected) -> (Tensor, Tensor)")
 _lib.define("token_merge(Tensor x, Tensor size, Tensor dest, int n_out, Tensor? weight=None) -> (Tensor, Tensor)")
 _lib.define("token_unmerge(Tensor x, Tensor dest) -> Tensor")
-_lib.define("token_pool(Tensor x, Tensor size) -> Tensor")
+_lib.define("token_pool(Tensor x, Tensor size, int start=0, bool mean=True) -> Tensor")
 
 
 def _positions(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -146,9 +147,10 @@ def _token_unmerge(x, dest):
     return x.gather(1, dest[:, :, None].expand(b, n, x.shape[-1]))
 
 
-def _token_pool(x, size):
-    w = size.to(x.dtype)[:, :, None]
-    return (x * w).sum(dim=1) / w.sum(dim=1)
+def _token_pool(x, size, start=0, mean=True):
+    w = size[:, start:start + x.shape[1]].to(x.dtype)[:, :, None]
+    total = (x * w).sum(dim=1)
+    return total / w.sum(dim=1) if mean else total
 
 
 for _name, _fn in [("tome_plan", _tome_plan), ("topk_plan", _topk_plan), ("token_merge", _token_merge),
