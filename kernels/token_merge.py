@@ -17,7 +17,11 @@ Plans
   are never merged and take no merge (their scores are -inf, as ToMe does for the class
   token). With ``key_bias [B, N]`` (an attention key mask per key, e.g. 0 for real tokens and
   -inf for padding) tokens merge only into tokens of the same bias, so a padded token never
-  merges into a real one. Output order: the protected tokens, then A's unmerged tokens, then
+  merges into a real one: the tokens are first grouped by bias (protected tokens first, then by
+  position), then alternate into A and B, so each group has partners in the other set;
+  masked-out tokens (bias <= -1e4) merge among themselves before any other edge, so the
+  choice of the real tokens to merge does not depend on the padding's values; an edge
+  across groups is taken only when ``r`` exceeds every edge within them. Output order: the protected tokens, then A's unmerged tokens, then
   B's tokens, each in input order - for one protected class token this is ToMe's
   ``cat([unm, dst])`` with ``unm`` sorted, for class + distillation tokens ToMe's
   ``cat([unm[:1], dst[:1], unm[1:], dst[1:]])``.
@@ -38,7 +42,7 @@ merged token back to its sources (a dense output needs every input token);
 ``token_pool(x', s', start, mean) = sum_j s'_j x'_j / sum_j s'_j`` is the mean over the input
 tokens (``mean=False``: the sum), for ``x'`` holding the tokens ``start, start + 1, ...`` of ``s'``.
 
-Every op is computed with ``gather`` / ``scatter_add`` / ``topk`` / ``sort`` only (no
+Every op is computed with ``gather`` / ``scatter_add`` / ``topk`` only (no ``sort``, no
 ``scatter_reduce``), so the graph exports to ONNX (``ScatterElements`` with ``add``,
 ``GatherElements``, ``TopK``) and runs the same in ONNX Runtime and TensorRT. The ops are
 registered as ``CompositeImplicitAutograd``: inside a captured graph they are single
@@ -61,6 +65,15 @@ _lib.define("token_unmerge(Tensor x, Tensor dest) -> Tensor")
 _lib.define("token_pool(Tensor x, Tensor size, int start=0, bool mean=True) -> Tensor")
 
 
+#: an attention bias at or below this masks its key out (softmax weight e^-10000 = 0)
+MASKED = -1e4
+
+
+def _ascending(values: torch.Tensor, count: int) -> torch.Tensor:
+    """``values`` sorted along the last dim with ``topk`` (ONNX ``TopK``; ``sort`` has no ONNX form)."""
+    return values.topk(count, dim=-1, largest=False).values
+
+
 def _positions(n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.arange(n, device=like.device, dtype=torch.int64)
 
@@ -80,22 +93,35 @@ def _plan_from_order(order: torch.Tensor, dest_of_merged: torch.Tensor | None, m
 
 def _tome_plan(metric, key_bias, r, protected):
     b, n, _ = metric.shape
+    idx = _positions(n, metric)
+    perm = None
+    if key_bias is not None:
+        # group the tokens by their mask value (protected first, then in order) before they
+        # alternate into A and B, so every group has partners of its own in the other set
+        bias = key_bias.float().expand(b, n)
+        group = (bias > MASKED).to(torch.int64) + (idx[None] < protected).to(torch.int64) * 2
+        perm = (group * (n + 1) + (n - idx)).topk(n, dim=-1).indices  # by group, then position
+        metric = metric.gather(1, perm[:, :, None].expand_as(metric))
+        bias = bias.gather(1, perm)
     metric = metric.float()
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    idx = _positions(n, metric)
     a_idx, b_idx = idx[0::2], idx[1::2]
     scores = metric[:, 0::2] @ metric[:, 1::2].transpose(1, 2)          # [B, Na, Nb]
     blocked = (a_idx < protected)[:, None] | (b_idx < protected)[None, :]
     scores = scores.masked_fill(blocked[None], float("-inf"))
     if key_bias is not None:
-        # below every cosine, above the protected tokens' -inf: a token is merged across a
-        # padding boundary only when r leaves no other edge
-        bias = key_bias.float().expand(b, n)
+        # masked-out tokens (padding) merge among themselves first, whatever their values, so
+        # which real tokens merge never depends on the padding; an edge across mask values is
+        # below every cosine (and above the protected tokens' -inf): taken only when r leaves
+        # no other edge
+        masked = bias <= MASKED
+        both_masked = masked[:, 0::2, None] & masked[:, None, 1::2]
+        scores = scores.masked_fill(both_masked, 2.0)
         differs = bias[:, 0::2, None] != bias[:, None, 1::2]
         scores = scores.masked_fill(differs, -1e4)
     node_max, node_idx = scores.max(dim=-1)                              # best B partner per A token
-    edge = node_max.argsort(dim=-1, descending=True, stable=True)        # A tokens, most similar first
-    merged_a, unmerged_a = edge[:, :r], edge[:, r:].sort(dim=-1).values
+    edge = node_max.topk(node_max.shape[-1], dim=-1).indices             # A tokens, most similar first
+    merged_a, unmerged_a = edge[:, :r], _ascending(edge[:, r:], edge.shape[-1] - r)
     n_prot = min(protected, n)
     prot = idx[:n_prot].expand(b, n_prot)
     # the protected A tokens are never merged and have the lowest positions: they lead ``unm``
@@ -104,14 +130,18 @@ def _tome_plan(metric, key_bias, r, protected):
     order = torch.cat([prot, unm, dst], dim=1)
     merged = a_idx[merged_a]
     partner = b_idx[node_idx.gather(1, merged_a)]
-    return _plan_from_order(order, partner, merged, n)
+    dest, keep = _plan_from_order(order, partner, merged, n)
+    if perm is not None:  # back from grouped positions to the tokens' own
+        dest = torch.zeros_like(dest).scatter(1, perm, dest)
+        keep = perm.gather(1, keep)
+    return dest, keep
 
 
 def _topk_plan(attention, keep_tokens, protected):
     b, n = attention.shape
     n_prot = min(protected, n)
     free = attention[:, n_prot:].float()
-    kept = free.topk(keep_tokens, dim=-1).indices.sort(dim=-1).values + n_prot
+    kept = _ascending(free.topk(keep_tokens, dim=-1).indices, keep_tokens) + n_prot
     prot = _positions(n_prot, attention).expand(b, n_prot)
     order = torch.cat([prot, kept], dim=1)
     n_out = n_prot + keep_tokens + 1

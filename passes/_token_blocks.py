@@ -26,7 +26,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from torch.utils._pytree import tree_map_only
+
 from optcc import graph_utils as gu
+from optcc.ir import get_constant
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -222,11 +225,22 @@ def _block(sdpa: fx.Node, index: int) -> Block:
                  head_layout(q, token_dim, batch_dim, batch), head_layout(k, token_dim, batch_dim, batch))
 
 
-def _constant_only(node: fx.Node) -> bool:
+def constant_only(node: fx.Node) -> bool:
     """``node`` is computed from frozen constants alone (no graph input)."""
     if node.op == "placeholder":
         return False
-    return all(_constant_only(a) for a in node.all_input_nodes)
+    return all(constant_only(a) for a in node.all_input_nodes)
+
+
+def evaluate(gm: fx.GraphModule, node: fx.Node, memo: dict) -> torch.Tensor:
+    """The value of a :func:`constant_only` node, computed from the frozen constants."""
+    if node not in memo:
+        if node.op == "get_attr":
+            memo[node] = get_constant(gm, node)
+        else:
+            args, kwargs = tree_map_only(fx.Node, lambda n: evaluate(gm, n, memo), (node.args, node.kwargs))
+            memo[node] = node.target(*args, **kwargs)
+    return memo[node]
 
 
 def protected_prefix(first: Block) -> int:
@@ -246,7 +260,7 @@ def protected_prefix(first: Block) -> int:
             return 0
         count = 0
         for part in node.args[0]:
-            if not _constant_only(part):
+            if not constant_only(part):
                 return count
             count += gu.shape(part)[dim]
         # every part constant: follow the last one (tokens built by nested cats)

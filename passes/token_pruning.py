@@ -47,7 +47,7 @@ import torch
 import torch.fx as fx
 
 from optcc import graph_utils as gu
-from optcc.ir import refresh_meta
+from optcc.ir import add_constant, refresh_meta
 from optcc.kernels import token_merge as ops
 from optcc.pass_base import OptionError, Pass, PassResult, register_pass
 from optcc.rewrite import NearMiss, source_line
@@ -99,8 +99,6 @@ def flops_kept(flops: list[tb.BlockFlops], schedule: list[int], entering: list[i
 
 
 def _flops_schedule(target: float, blocks, flops, protected, method) -> list[int]:
-    if not 0.0 < target < 1.0:
-        raise OptionError(f"token_pruning: r={{'flops': {target}}} must be a fraction of FLOPs to remove in (0, 1)")
     best = None
     for r in range(0, blocks[0].tokens):
         schedule, entering = _caps(blocks, [r] * len(blocks), protected, method)
@@ -126,10 +124,22 @@ class TokenPruning(Pass):
         proportional_attention: bool = True
         protected: typing.Optional[int] = None
 
-    def run(self, gm: fx.GraphModule) -> PassResult:
+    def __init__(self, **options):
+        super().__init__(**options)
         o = self.options
         if o.method not in ("tome", "topk"):
             raise OptionError(f"token_pruning: method must be 'tome' or 'topk', got {o.method!r}")
+        if isinstance(o.r, dict):
+            if set(o.r) != {"flops"}:
+                raise OptionError(f"token_pruning: r as a dict takes one key, 'flops', got {sorted(o.r)}")
+            if not 0.0 < float(o.r["flops"]) < 1.0:
+                raise OptionError(f"token_pruning: r={{'flops': {o.r['flops']}}} must be a fraction of the "
+                                  f"FLOPs to remove, in (0, 1)")
+        else:
+            parse_r(o.r, 1)
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        o = self.options
         blocks, missed = tb.find_blocks(gm)
         if not blocks:
             why = missed or ["the graph has no attention (SDPA node): canonicalize_attention found none"]
@@ -167,8 +177,6 @@ class TokenPruning(Pass):
         flops = tb.block_flops(gm, blocks)
         r = self.options.r
         if isinstance(r, dict):
-            if set(r) != {"flops"}:
-                raise OptionError(f"token_pruning: r as a dict takes one key, 'flops', got {sorted(r)}")
             schedule = _flops_schedule(float(r["flops"]), blocks, flops, protected, self.options.method)
         else:
             schedule = parse_r(r, len(blocks))
@@ -184,7 +192,7 @@ class TokenPruning(Pass):
                          masks={b.sdpa: b.query_layout for b in blocks}, padding_masks=set(), unmerged=[])
         first = next((i for i, r in enumerate(schedule) if r > 0), None)
         if first is not None:
-            self._read_key_padding(graph, insert, blocks[first:], ctx)
+            self._read_key_padding(gm, insert, blocks[first:], ctx)
         gen = None
         layers = []
         for block, r in zip(blocks, schedule):
@@ -203,15 +211,16 @@ class TokenPruning(Pass):
                 "flops_removed": 1.0 - kept, "unmerged": [f"%{n}: {why}" for n, why in ctx.unmerged],
                 "near_misses": []}
 
-    def _read_key_padding(self, graph, insert, blocks, ctx) -> None:
+    def _read_key_padding(self, gm, insert, blocks, ctx) -> None:
         """``ctx.key_bias [B, N]`` from the attention masks of the blocks that see reduced
         tokens, when they are one key-padding mask (constant along the queries)."""
         masks = {b.sdpa.args[3] for b in blocks if len(b.sdpa.args) > 3 and b.sdpa.args[3] is not None}
         if not masks:
             return
+        graph = gm.graph
         sources = {}
         for mask in masks:
-            src = _key_padding_source(mask)
+            src = _key_padding_source(gm, mask)
             if src is None:
                 return  # SDPA nodes with such masks read unmerged tokens (the follow says so)
             sources[mask] = src
@@ -232,6 +241,9 @@ class TokenPruning(Pass):
         x = block.residual
         users = list(x.users)
         batch, before = block.batch, gu.shape(x)[block.token_dim]
+        if gen is not None and before != gen.after:
+            where = f" at {ctx.unmerged[-1][0]} ({ctx.unmerged[-1][1]})" if ctx.unmerged else ""
+            raise tf.NotFollowable(x, f"the tokens were unmerged{where} before {block.name}")
         with graph.inserting_before(x.next):
             nodes_start = None
             stream = x if block.token_dim == 1 else insert(aten.transpose.int, (x, 0, 1))
@@ -279,7 +291,7 @@ def _class_attention(insert, block: tb.Block, batch: int, gen, ctx) -> fx.Node:
     mask = sdpa.args[3] if len(sdpa.args) > 3 else None
     if mask is not None:
         if gu.dtype(mask) == torch.bool:
-            mask = insert(aten.where.ScalarOther, (mask, 0.0, float("-inf")))
+            mask = insert(aten.where.Scalar, (mask, 0.0, float("-inf")))
         if gu.rank(mask) == 3:  # a flat [B*H, Lq, Lk] mask
             mask = insert(aten.reshape.default, (mask, [batch, -1] + list(gu.shape(mask)[-2:])))
         mask = insert(aten.slice.Tensor, (mask, -2, 0, 1)) if gu.shape(mask)[-2] > 1 else mask
@@ -289,20 +301,41 @@ def _class_attention(insert, block: tb.Block, batch: int, gen, ctx) -> fx.Node:
     return heads
 
 
-def _key_padding_source(mask: fx.Node) -> fx.Node | None:
-    """The value a mask broadcasts along its query axis from (size 1 there), or None."""
-    shape = gu.shape(mask)
-    if shape is None or len(shape) < 2:
-        return None
-    if shape[-2] == 1:
-        return mask
-    walk = gu.walk_up(mask, len(shape) - 2)
-    if walk.stop is not None and walk.stop.kind in ("broadcast", "created"):
-        node = walk.stop.node.args[0]
-        s = gu.shape(node)
-        if s is not None and len(s) >= 1 and s[-1] == shape[-1] and (len(s) < 2 or s[-2] == 1):
+def _key_padding_source(gm, mask: fx.Node) -> fx.Node | None:
+    """A value equal to ``mask`` with its query axis (-2) of size 1, or None when the mask may
+    vary along the queries. Constant parts (an ``arange >= 0`` of a mask builder) are evaluated
+    and kept when they are the same for every query; expands along the queries are dropped."""
+    memo: dict = {}
+
+    def query_free(node):
+        if not isinstance(node, fx.Node):
             return node
-    return None
+        shape = gu.shape(node)
+        if shape is None:
+            return None
+        if len(shape) < 2 or shape[-2] == 1:
+            return node
+        if tb.constant_only(node):
+            value = tb.evaluate(gm, node, memo)
+            first = value.narrow(-2, 0, 1)
+            if not torch.equal(value, first.expand_as(value)):
+                return None
+            return add_constant(gm, f"{node.name}_per_key", first.contiguous(), before=mask)
+        if node.target is aten.expand.default:
+            return query_free(node.args[0])  # SDPA broadcasts the mask again
+        if torch.Tag.pointwise in getattr(node.target, "tags", ()):
+            args = [query_free(a) for a in node.args]
+            if any(a is None for a in args):
+                return None
+            with mask.graph.inserting_before(mask):
+                return tf.Inserter(mask.graph)(node.target, tuple(args), dict(node.kwargs))
+        return None
+
+    source = query_free(mask)
+    if source is None:
+        return None
+    s = gu.shape(source)
+    return source if s and s[-1] == gu.shape(mask)[-1] else None
 
 
 def _bias_rows(insert, src: fx.Node, batch: int) -> fx.Node | None:
@@ -313,7 +346,7 @@ def _bias_rows(insert, src: fx.Node, batch: int) -> fx.Node | None:
         return None
     rows = insert(aten.reshape.default, (src, [max(lead) if lead else 1, shape[-1]]))
     if gu.dtype(src) == torch.bool:
-        rows = insert(aten.where.ScalarOther, (rows, 0.0, float("-inf")))
+        rows = insert(aten.where.Scalar, (rows, 0.0, float("-inf")))
     elif gu.dtype(src) != torch.float32:
         rows = insert(aten._to_copy.default, (rows,), {"dtype": torch.float32})
     if gu.shape(rows)[0] != batch:
