@@ -36,6 +36,8 @@ class PassResult:
     """What a pass returns: the (possibly new) graph module, whether it changed, and stats.
 
     ``stats["matches"]`` is the number of rewrites applied; passes may add more counters.
+    ``stats["message"]``, when set, is one line the report prints under the pass (what an
+    approximate pass did, or why it left the graph alone).
     """
 
     graph_module: fx.GraphModule

@@ -156,6 +156,7 @@ class PassManager:
             record.seconds = time.perf_counter() - start
             record.changed = result.changed
             record.stats = dict(result.stats)
+            record.message = str(result.stats.get("message") or "")
             record.matches = int(result.stats.get("matches", 0))
             record.status = "applied" if result.changed else "unchanged"
             if measure and result.changed:

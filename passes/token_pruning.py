@@ -142,7 +142,8 @@ class TokenPruning(Pass):
         o = self.options
         blocks, missed = tb.find_blocks(gm)
         if not blocks:
-            why = missed or ["the graph has no attention (SDPA node): canonicalize_attention found none"]
+            why = missed or ["the graph has no attention (scaled_dot_product_attention node); attention written "
+                             "with matmul and softmax becomes one in canonicalize_attention, list it first"]
             return self._unchanged(gm, why, [n for n in gm.graph.nodes if n.target is tb.SDPA])
         protected = o.protected if o.protected is not None else tb.protected_prefix(blocks[0])
         for _ in range(8):
@@ -205,9 +206,13 @@ class TokenPruning(Pass):
         gm.recompile()
         refresh_meta(gm)
         kept = flops_kept(flops, schedule, entering)
-        return {"matches": len(layers), "method": o.method, "blocks": len(blocks), "schedule": schedule,
-                "protected": protected, "layers": layers, "tokens": [blocks[0].tokens] +
-                [entering[i] - schedule[i] for i in range(len(blocks))],
+        tokens = [blocks[0].tokens] + [entering[i] - schedule[i] for i in range(len(blocks))]
+        message = (f"{o.method}: {len(layers)} of {len(blocks)} blocks reduce tokens, {tokens[0]} -> {tokens[-1]}; "
+                   f"{1.0 - kept:.0%} of the blocks' attention + MLP FLOPs removed")
+        if ctx.unmerged:
+            message += "; tokens unmerged at " + ", ".join(f"%{n} ({why})" for n, why in ctx.unmerged)
+        return {"matches": len(layers), "message": message, "method": o.method, "blocks": len(blocks), "schedule": schedule,
+                "protected": protected, "layers": layers, "tokens": tokens,
                 "flops_removed": 1.0 - kept, "unmerged": [f"%{n}: {why}" for n, why in ctx.unmerged],
                 "near_misses": []}
 

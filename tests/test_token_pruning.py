@@ -394,3 +394,28 @@ def test_torch_compile_backend_and_onnx_runtime(tmp_path):
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     torch.testing.assert_close(torch.from_numpy(onnx_out), expected, rtol=1e-4, atol=1e-4)
+
+
+VIT_FACTORY = """
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+def build():
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2, num_classes=10)
+    return model.eval(), (torch.randn(2, 3, 32, 32),)
+"""
+
+
+def test_command_line_dump_explain_and_bench(capsys, tmp_path):
+    from optcc.cli import main
+
+    path = tmp_path / "vit.py"
+    path.write_text(VIT_FACTORY)
+    assert main(["dump", f"{path}:build", "--passes", "canonicalize_attention,token_pruning(r=2)"]) == 0
+    out, err = capsys.readouterr()
+    assert "optcc.tome_plan" in out, err
+    assert "tome: 3 of 3 blocks reduce tokens, 17 -> 11" in err
+    assert main(["bench", f"{path}:build", "--passes", "token_pruning(r=[4, 4])", "--targets", "eager,optcc-eager",
+                 "--runs", "3", "--seconds", "0.01", "--threads", "1"]) == 0
+    out, _ = capsys.readouterr()
+    assert "optcc-eager vs eager:" in out
