@@ -206,6 +206,9 @@ def _block(sdpa: fx.Node, index: int) -> Block:
     q_shape, k_shape = gu.shape(q), gu.shape(k)
     if q_shape is None or k_shape is None:
         raise NotABlock(f"%{sdpa.name} has unknown shapes")
+    is_causal = sdpa.args[5] if len(sdpa.args) > 5 else sdpa.kwargs.get("is_causal", False)
+    if is_causal:
+        raise NotABlock(f"%{sdpa.name} is causal attention: a merged token would see later tokens")
     if q_shape[-2] != k_shape[-2]:
         raise NotABlock(f"%{sdpa.name} is cross-attention ({q_shape[-2]} queries, {k_shape[-2]} keys)")
     residual, stream = _residual_after(sdpa, _ancestors(sdpa))

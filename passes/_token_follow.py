@@ -241,14 +241,10 @@ def follow(graph: fx.Graph, start: fx.Node, tok: Tokens, gen: Generation, ctx: C
             changed[node] = result
 
 
-def _replace_input(node: fx.Node, old: fx.Node, new: fx.Node) -> None:
-    node.replace_input_with(old, new)
-
-
 def _unmerge_inputs(insert, node, reads, changed, gen, why) -> None:
     for value in reads:
         full = unmerge(insert, value, changed[value], gen, why)
-        _replace_input(node, value, full)
+        node.replace_input_with(value, full)
     rerun(node, insert.mode)
 
 
@@ -257,7 +253,7 @@ def _visit(insert: Inserter, node: fx.Node, reads, changed, gen: Generation, ctx
     if node.op == "output":
         for value in reads:
             full = unmerge(insert, value, changed[value], gen, "a graph output")
-            _replace_input(node, value, full)
+            node.replace_input_with(value, full)
         return None
     if node.op != "call_function":
         raise NotFollowable(node, f"{node.op} reads merged tokens")
@@ -273,7 +269,7 @@ def _visit(insert: Inserter, node: fx.Node, reads, changed, gen: Generation, ctx
 
     if target is ops.token_unmerge:
         full = unmerge(insert, src, tok, gen, "an earlier unmerge")
-        _replace_input(node, src, full)
+        node.replace_input_with(src, full)
         rerun(node, insert.mode)
         return None
     if target is ops.token_pool:
@@ -296,7 +292,8 @@ def _visit(insert: Inserter, node: fx.Node, reads, changed, gen: Generation, ctx
         if sizes is None:
             return fall_back("a reshape splits or regroups the token axis")
         node.args = (src, sizes)
-        return _rerun_as(node, insert, _tokens_after_view(new_in, tuple(sizes), tok, gen))
+        rerun(node, insert.mode)
+        return _tokens_after_view(new_in, tuple(sizes), tok, gen)
     if target in (aten.permute.default, aten.transpose.int, aten.unsqueeze.default) or target in gu.SQUEEZES:
         rerun(node, insert.mode)
         return _mapped(node, tok)
@@ -373,11 +370,6 @@ def _name(node: fx.Node) -> str:
     return op_name(node)
 
 
-def _rerun_as(node: fx.Node, insert: Inserter, tok: Tokens) -> Tokens:
-    rerun(node, insert.mode)
-    return tok
-
-
 def _mapped(node: fx.Node, tok: Tokens) -> Tokens | None:
     d = gu.map_dim(node, tok.dim, up=False)
     if not isinstance(d, int):
@@ -435,6 +427,8 @@ def _visit_sdpa(insert, node, reads, changed, gen, ctx, fall_back) -> Tokens | N
     if any(changed[t].dim != rank - 2 or changed[t].start for t in (q, k, v)):
         return fall_back("attention over another axis than the tokens")
     layout = ctx.masks.get(node)
+    if (node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)):
+        return fall_back("causal attention")
     if layout is None:
         return fall_back("attention outside the blocks that were found")
     if mask is not None and not (isinstance(mask, fx.Node) and mask.meta.get("optcc_token_mask")):

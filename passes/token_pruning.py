@@ -47,7 +47,7 @@ import torch
 import torch.fx as fx
 
 from optcc import graph_utils as gu
-from optcc.ir import add_constant, refresh_meta
+from optcc.ir import add_constant, drop_unused_constants, refresh_meta
 from optcc.kernels import token_merge as ops
 from optcc.pass_base import OptionError, Pass, PassResult, register_pass
 from optcc.rewrite import NearMiss, source_line
@@ -160,6 +160,7 @@ class TokenPruning(Pass):
             except tf.NotFollowable as why:
                 gm.graph = backup
                 gm.recompile()
+                drop_unused_constants(gm)  # constants the attempt added
                 return self._unchanged(gm, [str(why)], [why.node])
             stats["missed"] = {f"token_pruning: {m}": 1 for m in missed}
             return PassResult(gm, stats["matches"] > 0, stats)
@@ -250,9 +251,7 @@ class TokenPruning(Pass):
             where = f" at {ctx.unmerged[-1][0]} ({ctx.unmerged[-1][1]})" if ctx.unmerged else ""
             raise tf.NotFollowable(x, f"the tokens were unmerged{where} before {block.name}")
         with graph.inserting_before(x.next):
-            nodes_start = None
             stream = x if block.token_dim == 1 else insert(aten.transpose.int, (x, 0, 1))
-            nodes_start = stream if stream is not x else None
             bias = None
             if ctx.key_bias is not None:
                 bias = ctx.key_bias if gen is None else insert(aten.gather.default, (ctx.key_bias, 1, gen.keep_total))
@@ -276,7 +275,6 @@ class TokenPruning(Pass):
             new_sizes = insert(operator.getitem, (merged, 1))
             keep_total = keep if gen is None else insert(aten.gather.default, (gen.keep_total, 1, keep))
             out = tokens if block.token_dim == 1 else insert(aten.transpose.int, (tokens, 0, 1))
-        del nodes_start
         for user in users:
             user.replace_input_with(x, out)
         new_gen = tf.Generation(before, before - r, batch, dest, keep_total, new_sizes, protected)

@@ -140,14 +140,21 @@ def tome_forward(model: VisionTransformer, x, schedule, proportional=True):
     return model.forward_head(model.norm(x))
 
 
+def vit_tiny_224():
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False)
+
+
 @pytest.mark.parametrize("factory,schedule,proportional,target", [
+    (vit_tiny_224, [13] * 12, True, "eager"),  # ToMe's r=13 on the real architecture, 197 tokens
     (lambda: VisionTransformer(**SMALL), [2, 3, 1], True, "inductor"),
     (lambda: VisionTransformer(**SMALL), [4, 0, 2], False, "eager"),
     (lambda: VisionTransformerDistilled(**SMALL), [2, 2, 2], True, "eager"),
 ])
 def test_pass_computes_what_tome_computes(factory, schedule, proportional, target):
     model = factory().eval()
-    x = image()
+    x = torch.randn(1, 3, 224, 224) if len(schedule) == 12 else image()
     _, out, stats = prune(model, (x,), target, r=schedule, proportional_attention=proportional)
     with torch.no_grad():
         expected = tome_forward(model, x, schedule, proportional)
@@ -419,3 +426,22 @@ def test_command_line_dump_explain_and_bench(capsys, tmp_path):
                  "--runs", "3", "--seconds", "0.01", "--threads", "1"]) == 0
     out, _ = capsys.readouterr()
     assert "optcc-eager vs eager:" in out
+
+
+def test_causal_attention_is_left_alone():
+    class Causal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj, self.mlp = nn.Linear(32, 96), nn.Linear(32, 32), nn.Linear(32, 32)
+
+        def forward(self, x):
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).view(b, n, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+            x = x + self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, n, c))
+            return x + self.mlp(x)
+
+    model = Causal().eval()
+    x = torch.randn(2, 12, 32)
+    _, out, stats = prune(model, (x,), r=2)
+    assert stats["matches"] == 0 and "causal attention: a merged token would see later tokens" in stats["message"]
+    torch.testing.assert_close(out, model(x))
