@@ -47,11 +47,12 @@ import torch
 import torch.fx as fx
 
 from optcc import graph_utils as gu
-from optcc.ir import add_constant, drop_unused_constants, refresh_meta
+from optcc.ir import drop_unused_constants, refresh_meta
 from optcc.kernels import token_merge as ops
 from optcc.pass_base import OptionError, Pass, PassResult, register_pass
 from optcc.rewrite import NearMiss, source_line
 
+from . import _key_padding as key_padding
 from . import _token_blocks as tb
 from . import _token_follow as tf
 
@@ -226,7 +227,7 @@ class TokenPruning(Pass):
         graph = gm.graph
         sources = {}
         for mask in masks:
-            src = _key_padding_source(gm, mask)
+            src = key_padding.source(gm, mask)
             if src is None:
                 return  # SDPA nodes with such masks read unmerged tokens (the follow says so)
             sources[mask] = src
@@ -236,7 +237,7 @@ class TokenPruning(Pass):
         src = next(iter(sources.values()))
         batch = blocks[0].batch
         with graph.inserting_before(src.next):
-            bias = _bias_rows(insert, src, batch)
+            bias = key_padding.bias_rows(insert, src, batch)
         if bias is None:
             return
         ctx.key_bias = bias
@@ -302,59 +303,6 @@ def _class_attention(insert, block: tb.Block, batch: int, gen, ctx) -> fx.Node:
     probs = insert(aten.softmax.int, (scores, -1))
     heads = insert(aten.mean.dim, (probs, [1, 2]))
     return heads
-
-
-def _key_padding_source(gm, mask: fx.Node) -> fx.Node | None:
-    """A value equal to ``mask`` with its query axis (-2) of size 1, or None when the mask may
-    vary along the queries. Constant parts (an ``arange >= 0`` of a mask builder) are evaluated
-    and kept when they are the same for every query; expands along the queries are dropped."""
-    memo: dict = {}
-
-    def query_free(node):
-        if not isinstance(node, fx.Node):
-            return node
-        shape = gu.shape(node)
-        if shape is None:
-            return None
-        if len(shape) < 2 or shape[-2] == 1:
-            return node
-        if tb.constant_only(node):
-            value = tb.evaluate(gm, node, memo)
-            first = value.narrow(-2, 0, 1)
-            if not torch.equal(value, first.expand_as(value)):
-                return None
-            return add_constant(gm, f"{node.name}_per_key", first.contiguous(), before=mask)
-        if node.target is aten.expand.default:
-            return query_free(node.args[0])  # SDPA broadcasts the mask again
-        if torch.Tag.pointwise in getattr(node.target, "tags", ()):
-            args = [query_free(a) for a in node.args]
-            if any(a is None for a in args):
-                return None
-            with mask.graph.inserting_before(mask):
-                return tf.Inserter(mask.graph)(node.target, tuple(args), dict(node.kwargs))
-        return None
-
-    source = query_free(mask)
-    if source is None:
-        return None
-    s = gu.shape(source)
-    return source if s and s[-1] == gu.shape(mask)[-1] else None
-
-
-def _bias_rows(insert, src: fx.Node, batch: int) -> fx.Node | None:
-    """``src [.., 1, N]`` (every leading dim but one of size 1 or the batch) as ``[B, N]`` floats."""
-    shape = gu.shape(src)
-    lead = shape[:-1]
-    if any(s not in (1, batch) for s in lead) or sum(1 for s in lead if s == batch) > 1:
-        return None
-    rows = insert(aten.reshape.default, (src, [max(lead) if lead else 1, shape[-1]]))
-    if gu.dtype(src) == torch.bool:
-        rows = insert(aten.where.Scalar, (rows, 0.0, float("-inf")))
-    elif gu.dtype(src) != torch.float32:
-        rows = insert(aten._to_copy.default, (rows,), {"dtype": torch.float32})
-    if gu.shape(rows)[0] != batch:
-        rows = insert(aten.expand.default, (rows, [batch, shape[-1]]))
-    return rows
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:
