@@ -10,6 +10,11 @@ after a Conv folds like ``nn.BatchNorm2d`` after ``nn.Conv2d``), a ``Gemm`` or a
 ``Gather`` on shapes, ``Concat`` of sizes, ...) is evaluated with numpy while tracing, so
 the captured graph holds only the tensor computation. An op outside
 :data:`SUPPORTED_OPS` is refused when the file is read, with the list of the ones found.
+Each node is evaluated with the semantics of the op version its model's opset selects
+(Softmax's 2-D coercion before opset 13, axes and bounds as attributes or inputs, ...);
+what a handler cannot honour (an attribute, an output the graph reads, training mode, a
+shape computed from input values) is refused in the same one-line error, op and opset
+named, never computed some other way.
 
 (``onnx2torch`` was evaluated first: it rejects what ``torch.onnx.export`` writes today -
 ``ReduceMean`` of opset 18 and ``Reshape(allowzero=1)`` - hence this small importer.)

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .common import EXPORT_HINT, OnnxError, first_line, require_onnx
-from .ops import HANDLERS, SUPPORTED_OPS, Value, as_tensor, gemm, is_static, numpy_dtype, torch_dtype
+from .ops import AUDITED_OPSET, HANDLERS, SPECS, SUPPORTED_OPS, Value, as_tensor, is_static, numpy_dtype, torch_dtype
 
 # ----------------------------------------------------------------------------------------
 # Reading
@@ -89,6 +89,86 @@ def _value_types(proto: Any) -> dict[str, np.dtype]:
     return types
 
 
+def _default_opset(proto: Any) -> int:
+    versions = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    if not versions:
+        raise OnnxError("the model imports no version of the default ONNX opset; " + EXPORT_HINT)
+    return int(versions[0])
+
+
+def _declared(outputs) -> list[str]:
+    """A node's outputs, without the trailing empty names that stand for outputs not asked for."""
+    outputs = list(outputs)
+    while outputs and not outputs[-1]:
+        outputs.pop()
+    return outputs
+
+
+def _op_version(op_type: str, opset: int) -> int | None:
+    """The version of ``op_type`` that ``opset`` selects (its ``since_version``)."""
+    from onnx import defs
+
+    try:
+        return defs.get_schema(op_type, opset, "").since_version
+    except Exception:  # not an op of that opset
+        return None
+
+
+def _check_graph(graph: Any, opset: int, source: str, initializers: dict[str, np.ndarray]) -> list[int]:
+    """Every reason the importer cannot evaluate the graph exactly, found before anything is
+    evaluated and raised as one line: ops it has no handler for, and, per op, the version,
+    attribute, output or data-dependent input it cannot honour. Returns each node's op version."""
+    unsupported = sorted({f"{n.domain}::{n.op_type}" for n in graph.node if n.domain not in ("", "ai.onnx")})
+    unsupported += sorted({n.op_type for n in graph.node if n.domain in ("", "ai.onnx")} - SUPPORTED_OPS)
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    # values computed from the graph inputs' values (not only from their shapes)
+    dynamic = {i.name for i in graph.input if i.name not in initializers}
+    constants = dict(initializers)
+    problems: list[str] = []
+    versions = []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            try:
+                constants[node.output[0]] = _constant_value(node)
+            except OnnxError:
+                pass  # refused when the module stores it
+        version = _op_version(node.op_type, opset) if node.domain in ("", "ai.onnx") else None
+        versions.append(version or 0)
+        spec = SPECS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        inputs = list(node.input)
+        if node.op_type not in ("Shape", "Size"):  # their outputs depend on shapes only
+            reads = inputs[:1] if node.op_type in ("CastLike", "Dropout") else inputs
+            if any(i in dynamic for i in reads):
+                dynamic.update(o for o in node.output if o)
+        if spec is None:
+            continue
+        where = f"{node.op_type} (opset {opset})"
+        if opset > AUDITED_OPSET:
+            problems.append(f"{where}: opset {opset} is newer than the newest one optcc's importer was "
+                            f"checked against ({AUDITED_OPSET})")
+            continue
+        if version is None:
+            problems.append(f"{where}: the op is not part of opset {opset}")
+            continue
+        attrs = _attributes(node)
+        used = [bool(o) and o in read for o in _declared(node.output)]
+        problems += [f"{where}: {p}" for p in spec.problems(attrs, version, used)]
+        if spec.check_constants is not None:
+            problems += [f"{where}: {p}" for p in spec.check_constants([constants.get(i) for i in inputs])]
+        for position in spec.static:
+            if position < len(inputs) and inputs[position] in dynamic:
+                problems.append(f"{where}: input {position} ('{inputs[position]}') is computed from the graph "
+                                f"inputs' values; optcc needs it known when the model is traced")
+    problems = list(dict.fromkeys(problems))
+    if unsupported:
+        settings = f"; and op settings it cannot honour: {'; '.join(problems)}" if problems else ""
+        raise OnnxError(f"{source} uses ONNX ops optcc cannot import: {', '.join(unsupported)}{settings}; "
+                        f"supported: {', '.join(sorted(SUPPORTED_OPS))}")
+    if problems:
+        raise OnnxError(f"{source} uses ONNX op settings optcc cannot honour: {'; '.join(problems)}")
+    return versions
+
+
 class OnnxModule(nn.Module):
     """An ONNX graph evaluated with torch ops (see the module docstring)."""
 
@@ -98,12 +178,9 @@ class OnnxModule(nn.Module):
 
         graph = proto.graph
         self.source = source
-        foreign = sorted({f"{n.domain}::{n.op_type}" for n in graph.node if n.domain not in ("", "ai.onnx")})
-        unsupported = sorted({n.op_type for n in graph.node if n.domain in ("", "ai.onnx")} - SUPPORTED_OPS)
-        if foreign or unsupported:
-            raise OnnxError(f"{source} uses ONNX ops optcc cannot import: {', '.join(unsupported + foreign)}; "
-                            f"supported: {', '.join(sorted(SUPPORTED_OPS))}")
+        self.opset = _default_opset(proto)
         initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        versions = _check_graph(graph, self.opset, source, initializers)
         self.input_specs = [i for i in graph.input if i.name not in initializers]
         self.input_names = [i.name for i in self.input_specs]
         self.output_names = [o.name for o in graph.output]
@@ -112,14 +189,34 @@ class OnnxModule(nn.Module):
         self.weights_of_matmul = {n.input[1] for n in graph.node if n.op_type == "MatMul" and len(n.input) > 1}
         for name, array in initializers.items():
             self._store_constant(name, array)
-        self.nodes = [(node.op_type, node.name or node.op_type, list(node.input), list(node.output),
-                       _attributes(node)) for node in graph.node if node.op_type != "Constant"]
+        self.nodes = []
+        for node, version in zip(graph.node, versions):
+            if node.op_type == "Constant":
+                continue
+            outputs = _declared(node.output)
+            attrs = {**_attributes(node), "@version": version, "@outputs": len(outputs)}
+            self.nodes.append((node.op_type, node.name or node.op_type, list(node.input), outputs, attrs))
         for node in graph.node:
             if node.op_type == "Constant":
                 self._store_constant(node.output[0], _constant_value(node))
         self._check_defined(graph)
+        self._static_floats()
         self._fold_constants(_value_types(proto))
         self.eval()  # an ONNX graph is an inference graph: BatchNormalization uses its statistics
+
+    def _static_floats(self) -> None:
+        """A floating constant read where a value must be known while tracing (Pad's
+        constant_value, Range's bounds) is read as its numpy value, not as a buffer."""
+        nodes = []
+        for op_type, name, inputs, outputs, attrs in self.nodes:
+            inputs = list(inputs)
+            for position in SPECS[op_type].static:
+                if position < len(inputs) and inputs[position] in self.tensor_names:
+                    alias = inputs[position] + "::static"
+                    self.static[alias] = getattr(self, self.tensor_names[inputs[position]]).numpy().copy()
+                    inputs[position] = alias
+            nodes.append((op_type, name, inputs, outputs, attrs))
+        self.nodes = nodes
 
     def _store_constant(self, name: str, value: Value) -> None:
         """Floating constants become buffers (frozen constants the passes can fold); integer
@@ -165,8 +262,6 @@ class OnnxModule(nn.Module):
     def _evaluate(self, op_type: str, input_names: list[str], args: list, attrs: dict) -> Value:
         while args and args[-1] is None:
             args.pop()
-        if op_type == "Gemm":
-            return gemm(attrs, *args)
         transposed = input_names[1] + "::T" if len(input_names) > 1 else None
         if op_type == "MatMul" and transposed in self.tensor_names and not is_static(args[0]) and args[0].dim() >= 2:
             return F.linear(args[0], getattr(self, self.tensor_names[transposed]))
@@ -220,7 +315,7 @@ class OnnxModule(nn.Module):
             try:
                 result = self._evaluate(op_type, input_names, args, attrs)
             except OnnxError as exc:
-                raise OnnxError(f"{self.source}: node '{name}' ({op_type}): {exc}") from None
+                raise OnnxError(f"{self.source}: node '{name}' ({op_type}, opset {self.opset}): {exc}") from None
             env.update(zip(output_names, result if isinstance(result, tuple) else (result,)))
         outputs = tuple(as_tensor(env[o]) for o in self.output_names)
         return outputs[0] if len(outputs) == 1 else outputs
