@@ -477,6 +477,12 @@ def _triton_supports(q, k, v, feature_map, params, causal, num_features, order):
     return supports(q, k, v, feature_map, params, causal, num_features, order)
 
 
+def _sdpa_layout(out: torch.Tensor) -> torch.Tensor:
+    """``[B, H, L, Ev]`` stored as ``[B, L, H, Ev]``, the layout SDPA returns: graphs that
+    replaced an SDPA node ``view`` its transpose as ``[B, L, H * Ev]``."""
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def _linear_attention(q, k, v, key_mask=None, feature_map="elu1", params=None, causal=False, eps=1e-6, seed=0,
                       scale=None, num_features=0, power=3.0, chunk_size=DEFAULT_CHUNK_SIZE, order="auto"):
     # real CUDA tensors only: fake / functional tensors of a trace never launch kernels
@@ -485,16 +491,16 @@ def _linear_attention(q, k, v, key_mask=None, feature_map="elu1", params=None, c
         if _triton_supports(q, k, v, feature_map, params, causal, num_features, order):
             from .linear_attention_triton import linear_attention_triton
 
-            return linear_attention_triton(q, k, v, key_mask, feature_map, params, causal, eps, seed, scale,
-                                           num_features, power)
-    return linear_attention_torch(q, k, v, key_mask, feature_map, params, causal, eps, seed, scale, num_features,
-                                  power, chunk_size, order)
+            return _sdpa_layout(linear_attention_triton(q, k, v, key_mask, feature_map, params, causal, eps, seed,
+                                                        scale, num_features, power))
+    return _sdpa_layout(linear_attention_torch(q, k, v, key_mask, feature_map, params, causal, eps, seed, scale,
+                                               num_features, power, chunk_size, order))
 
 
 def _linear_attention_fake(q, k, v, key_mask=None, feature_map="elu1", params=None, causal=False, eps=1e-6, seed=0,
                            scale=None, num_features=0, power=3.0, chunk_size=DEFAULT_CHUNK_SIZE, order="auto"):
     _check(q, k, v, key_mask, feature_map, params, causal, chunk_size, order)
-    return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+    return _sdpa_layout(q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3])))
 
 
 _TENSOR_ARGS = ("q", "k", "v", "key_mask", "params")

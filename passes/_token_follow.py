@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_map_only
 from optcc import graph_utils as gu
 from optcc.ir import _fake_mode_of
 from optcc.kernels import token_merge as ops
+from optcc.kernels.int8_linear import int8_linear
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -43,7 +44,7 @@ INT_MAX = 2 ** 63 - 1
 PER_TOKEN = {
     aten.linear.default, aten.layer_norm.default, aten.gelu.default, aten.relu.default, aten.silu.default,
     aten.dropout.default, aten.clone.default, aten.alias.default, aten.contiguous.default,
-    torch.ops.optcc.int8_linear.default, aten._to_copy.default, aten.to.dtype,
+    int8_linear, aten._to_copy.default, aten.to.dtype,
 }
 SOFTMAXES = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default}
 REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList}

@@ -1,0 +1,172 @@
+"""attention_to_linear: softmax attention replaced by linear (kernelized) attention.
+
+Each selected canonical SDPA node ``softmax(s Q K^T + M) V`` becomes
+``optcc::linear_attention`` (:mod:`optcc.kernels.linear_attention`)::
+
+    O_i = phi(q_i) sum_j phi(k_j)^T v_j / (phi(q_i) . sum_j phi(k_j) + eps)
+
+computed in the cheaper matmul order for the shapes (``phi(K)^T V`` first when the keys
+outnumber the features), fp32 accumulation. ``feature_map``: ``relu``, ``elu1``
+(Katharopoulos et al.), ``cosine`` (Hydra), ``focused`` (FLatten, ``power`` p), ``favor``
+(Performer's positive random features, ``num_features`` drawn from ``seed``: the
+training-free approximation of ``softmax(s q k^T)``; the projection becomes a constant of
+the graph), ``hedgehog`` (Hedgehog's learned per-head maps, initialised to the identity
+here). The masks: none; ``is_causal`` -> the causal chunked form (each query sees the keys
+before it); a key-padding mask (``_key_padding``) -> masked keys get zero features; any
+other mask leaves that layer softmax, with the reason in ``stats["missed"]`` and
+``--explain``. Grouped-query attention keeps its shared K/V heads.
+
+Selection: ``layers`` (indices among the SDPA nodes in graph order; default every one)
+and ``min_tokens`` (only where the keys number more than that: linear attention pays off
+on long sequences). Approximate: never runs unless named; the report gives the output
+change.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from optcc import graph_utils as gu
+from optcc.ir import add_constant
+from optcc.kernels import linear_attention as la
+from optcc.kernels.token_merge import MASKED
+from optcc.pass_base import OptionError, Pass, PassResult, register_pass
+from optcc.rewrite import NOT_ANCHOR, Match, NoMatch, Rule, apply_rules
+
+from . import _key_padding as key_padding
+from ._token_follow import Inserter
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+
+
+class LinearizeAttention(Rule):
+    """One canonical SDPA node -> ``optcc::linear_attention``."""
+
+    name = "linear_attention"
+
+    def __init__(self, options, order: dict):
+        self.options = options
+        self.order = order          # SDPA node -> its index among the graph's SDPA nodes
+        self.layers: list[str] = []
+
+    def match(self, gm, node):
+        if node.target is not SDPA:
+            return NOT_ANCHOR
+        o = self.options
+        index = self.order.get(node)
+        if o.layers is not None and index not in o.layers:
+            return NoMatch("not selected by layers")
+        q, k, v = node.args[:3]
+        shapes = [gu.shape(t) for t in (q, k, v)]
+        if any(s is None for s in shapes):
+            return NoMatch("unknown shapes")
+        if shapes[1][-2] <= o.min_tokens:
+            return NoMatch(f"{shapes[1][-2]} keys, not more than min_tokens={o.min_tokens}")
+        if len(shapes[0]) not in (3, 4):
+            return NoMatch("attention of rank other than 3 or 4")
+        if node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0):
+            return NoMatch("attention with dropout")
+        causal = bool(node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False))
+        if causal and shapes[0][-2] != shapes[1][-2]:
+            return NoMatch("causal attention with more keys than queries")
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        source = None
+        if mask is not None:
+            if causal:
+                return NoMatch("causal attention with a mask")
+            if len(shapes[0]) != 4:
+                return NoMatch("flattened heads with a mask")
+            source = key_padding.source(gm, mask)
+            if source is None:
+                return NoMatch("an attention mask that is not a key-padding mask")
+            lead = gu.shape(source)[:-1]
+            if any(d not in (1, shapes[0][0]) for d in lead) or sum(d == shapes[0][0] for d in lead) > 1:
+                return NoMatch("a key-padding mask with values per head")
+        gqa = bool(node.kwargs.get("enable_gqa", False))
+        if not gqa and shapes[0][-3:-2] != shapes[1][-3:-2] and len(shapes[0]) == 4:
+            return NoMatch("queries and keys with different head counts")
+        return Match(nodes={"sdpa": node, "q": q, "k": k, "v": v},
+                     values={"causal": causal, "mask_source": source, "index": index})
+
+    def rewrite(self, gm, m):
+        o = self.options
+        node = m.nodes["sdpa"]
+        q, k, v = m.nodes["q"], m.nodes["k"], m.nodes["v"]
+        insert = Inserter(gm.graph)
+        scale = node.kwargs.get("scale")
+        with gm.graph.inserting_before(node):
+            if gu.rank(q) == 3:  # [B*H, L, E] as B*H batches of one head
+                q, k, v = (insert(aten.unsqueeze.default, (t, 1)) for t in (q, k, v))
+            key_mask = None
+            if m.values["mask_source"] is not None:
+                batch = gu.shape(q)[0]
+                bias = key_padding.bias_rows(insert, m.values["mask_source"], batch)
+                key_mask = insert(aten.gt.Scalar, (bias, MASKED))
+            params = self._params(gm, node, q, k)
+            kwargs = {"key_mask": key_mask, "feature_map": o.feature_map, "params": params,
+                      "causal": m.values["causal"], "seed": o.seed, "scale": scale,
+                      "num_features": o.num_features, "power": o.power}
+            new = insert(la.linear_attention, (q, k, v), kwargs)
+            if gu.rank(node) == 3:
+                new = insert(aten.squeeze.dim, (new, 1))
+        new.meta.update({k_: v_ for k_, v_ in node.meta.items() if k_ != "val"})
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        self.layers.append(f"{m.values['index']}:{node.name}")
+
+    def _params(self, gm, node, q, k):
+        o = self.options
+        head_dim = gu.shape(q)[-1]
+        if o.feature_map == "favor":
+            projection = la.favor_projection(head_dim, o.num_features, o.seed)
+            return add_constant(gm, f"{node.name}_favor_projection", projection, before=node)
+        if o.feature_map == "hedgehog":
+            heads, kv_heads = gu.shape(q)[1], gu.shape(k)[1]
+            maps = la.hedgehog_init(heads, head_dim, o.num_features or None, kv_heads)
+            return add_constant(gm, f"{node.name}_hedgehog", maps, before=node)
+        return None
+
+
+@register_pass
+class AttentionToLinear(Pass):
+    """Replace softmax attention (canonical SDPA nodes) with linear attention of a chosen feature map (approximate)."""
+
+    name = "attention_to_linear"
+    exact = False
+    run_after = ("canonicalize_attention", "bn_reparam", "token_pruning")
+    run_before = ("int8_decomposition", "block_fusion")
+
+    @dataclass
+    class Options:
+        feature_map: str = "elu1"
+        layers: typing.Optional[list] = None
+        min_tokens: int = 0
+        num_features: int = 0
+        power: float = 3.0
+        seed: int = 0
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        if self.options.feature_map not in la.FEATURE_MAPS:
+            raise OptionError(f"attention_to_linear: feature_map must be one of {', '.join(la.FEATURE_MAPS)}, "
+                              f"got {self.options.feature_map!r}")
+
+    def run(self, gm: fx.GraphModule) -> PassResult:
+        order = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.target is SDPA)}
+        rule = LinearizeAttention(self.options, order)
+        stats = apply_rules(gm, [rule])
+        stats["layers"] = rule.layers
+        total = len(order)
+        if total == 0:
+            stats["message"] = ("left unchanged: the graph has no attention (scaled_dot_product_attention node); "
+                                "list canonicalize_attention first for attention written with matmul and softmax")
+        else:
+            stats["message"] = (f"{self.options.feature_map}: {stats['matches']} of {total} attention layers "
+                                f"linear" + ("" if stats["matches"] == total else
+                                             "; the others stay softmax (see left alone)"))
+        return PassResult(gm, stats["matches"] > 0, stats)
