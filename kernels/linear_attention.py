@@ -536,7 +536,11 @@ linear_attention = torch.ops.optcc.linear_attention.default
 
 #: ``{optcc::linear_attention: linear_attention_torch}``: a decomposition table for
 #: ``ExportedProgram.run_decompositions`` / ``make_fx(decomposition_table=...)``.
-DECOMPOSITIONS: dict[Any, Any] = {linear_attention: linear_attention_torch}
+def _decomposed(*args, **kwargs):
+    return _sdpa_layout(linear_attention_torch(*args, **kwargs))
+
+
+DECOMPOSITIONS: dict[Any, Any] = {linear_attention: _decomposed}
 
 
 def decompose_linear_attention(gm: torch.fx.GraphModule) -> int:
@@ -560,7 +564,7 @@ def decompose_linear_attention(gm: torch.fx.GraphModule) -> int:
         fixed = {name: value for name, value in kwargs.items() if name not in inputs}
 
         def traced(*tensors, fixed=fixed, inputs=inputs):
-            return linear_attention_torch(**fixed, **dict(zip(inputs, tensors)))
+            return _decomposed(**fixed, **dict(zip(inputs, tensors)))
 
         sub = make_fx(traced, tracing_mode="fake")(*(kwargs[name].meta["val"] for name in inputs))
         env: dict[torch.fx.Node, Any] = {}

@@ -129,3 +129,17 @@ def test_a_mask_that_varies_along_queries_stays_softmax():
 def test_unknown_feature_map_is_a_clear_error():
     with pytest.raises(optcc.OptionError, match="feature_map must be one of relu, elu1"):
         AttentionToLinear(feature_map="softmax")
+
+
+def test_exported_onnx_runs_in_onnx_runtime(tmp_path):
+    import onnxruntime
+
+    from optcc.onnx_io import export_onnx
+
+    model = OneAttention().eval()
+    x = torch.randn(2, 11, 24)
+    compiled, out, _ = linearize(model, (x,), feature_map="favor")
+    path = export_onnx(compiled, tmp_path / "linear.onnx", (x,))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(onnx_out), out, rtol=1e-4, atol=1e-5)

@@ -28,6 +28,23 @@ def _inputs_from_placeholders(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
     return tuple(inputs)
 
 
+def _standard_ops(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with optcc's ops that have no ONNX form written as aten ops (a copy of the
+    graph; the tensors are shared). Token reduction ops are composite and decompose by
+    themselves; ``optcc::linear_attention`` keeps one node in graphs and is expanded here."""
+    from optcc.kernels.linear_attention import decompose_linear_attention, linear_attention
+
+    if not any(n.target is linear_attention for n in gm.graph.nodes):
+        return gm
+    graph = fx.Graph(owning_module=gm)
+    graph.output(graph.graph_copy(gm.graph, {}))
+    copy = fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    decompose_linear_attention(copy)
+    copy.recompile()
+    return copy
+
+
 def export_onnx(model: Any, path: str | Path, example_inputs: Any = None) -> Path:
     """Write ``model`` to ``path`` as ONNX and validate the file with ``onnx.checker``.
 
@@ -44,6 +61,8 @@ def export_onnx(model: Any, path: str | Path, example_inputs: Any = None) -> Pat
         model = model.graph_module
     if isinstance(model, fx.GraphModule) and example_inputs is None:
         example_inputs = _inputs_from_placeholders(model)
+    if isinstance(model, fx.GraphModule):
+        model = _standard_ops(model)
     if example_inputs is None:
         raise OnnxError("export_onnx needs example_inputs for a module that optcc did not compile")
     if isinstance(example_inputs, torch.Tensor):
