@@ -37,6 +37,7 @@ from optcc.kernels.token_merge import MASKED
 from optcc.pass_base import OptionError, Pass, PassResult, register_pass
 from optcc.rewrite import NOT_ANCHOR, Match, NoMatch, Rule, apply_rules
 
+from . import _attention_transfer as transfer
 from . import _key_padding as key_padding
 from ._token_follow import Inserter
 
@@ -53,6 +54,7 @@ class LinearizeAttention(Rule):
         self.options = options
         self.order = order          # SDPA node -> its index among the graph's SDPA nodes
         self.layers: list[str] = []
+        self.trained: dict[str, torch.Tensor] = {}  # SDPA node name -> calibrated hedgehog maps
 
     def match(self, gm, node):
         if node.target is not SDPA:
@@ -127,7 +129,9 @@ class LinearizeAttention(Rule):
             return add_constant(gm, f"{node.name}_favor_projection", projection, before=node)
         if o.feature_map == "hedgehog":
             heads, kv_heads = gu.shape(q)[1], gu.shape(k)[1]
-            maps = la.hedgehog_init(heads, head_dim, o.num_features or None, kv_heads)
+            maps = self.trained.get(node.name)
+            if maps is None:
+                maps = la.hedgehog_init(heads, head_dim, o.num_features or None, kv_heads)
             return add_constant(gm, f"{node.name}_hedgehog", maps, before=node)
         return None
 
@@ -149,17 +153,28 @@ class AttentionToLinear(Pass):
         num_features: int = 0
         power: float = 3.0
         seed: int = 0
+        calibrate: typing.Optional[list] = None   # batches of model inputs (tuples)
+        steps: int = 200
+        lr: float = 0.01
 
     def __init__(self, **options):
         super().__init__(**options)
-        if self.options.feature_map not in la.FEATURE_MAPS:
+        o = self.options
+        if o.feature_map not in la.FEATURE_MAPS:
             raise OptionError(f"attention_to_linear: feature_map must be one of {', '.join(la.FEATURE_MAPS)}, "
-                              f"got {self.options.feature_map!r}")
+                              f"got {o.feature_map!r}")
+        if o.calibrate is not None and o.feature_map != "hedgehog":
+            raise OptionError("attention_to_linear: calibrate trains Hedgehog's feature maps; "
+                              "use feature_map='hedgehog' (the other maps have nothing to learn)")
+        if o.calibrate is not None and not o.calibrate:
+            raise OptionError("attention_to_linear: calibrate needs at least one batch of inputs")
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         order = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.target is SDPA)}
         rule = LinearizeAttention(self.options, order)
+        calibration = self._calibrate(gm, rule, order) if self.options.calibrate is not None else []
         stats = apply_rules(gm, [rule])
+        stats["calibration"] = calibration
         stats["layers"] = rule.layers
         total = len(order)
         if total == 0:
@@ -169,4 +184,35 @@ class AttentionToLinear(Pass):
             stats["message"] = (f"{self.options.feature_map}: {stats['matches']} of {total} attention layers "
                                 f"linear" + ("" if stats["matches"] == total else
                                              "; the others stay softmax (see left alone)"))
+        if calibration:
+            before = sum(c["error_before"] for c in calibration) / len(calibration)
+            after = sum(c["error_after"] for c in calibration) / len(calibration)
+            stats["message"] += (f"; calibrated on {len(self.options.calibrate)} batches, layer output error "
+                                 f"{before:.3f} -> {after:.3f} (mean relative RMS)")
         return PassResult(gm, stats["matches"] > 0, stats)
+
+    def _calibrate(self, gm, rule: LinearizeAttention, order: dict) -> list[dict]:
+        """Train each selected layer's Hedgehog maps on the calibration batches (``_attention_transfer``)."""
+        from rich.progress import Progress
+
+        o = self.options
+        chosen = [n for n in order if rule.match(gm, n)]
+        recorded = transfer.record(gm, chosen, o.calibrate)
+        rows = []
+        with Progress(transient=True) as progress:
+            task = progress.add_task("attention transfer", total=len(chosen))
+            for node in chosen:
+                q, k = node.args[0], node.args[1]
+                heads, kv_heads = (gu.shape(q)[1], gu.shape(k)[1]) if gu.rank(q) == 4 else (1, 1)
+                init = la.hedgehog_init(heads, gu.shape(q)[-1], o.num_features or None, kv_heads)
+                data = recorded[node]
+                if gu.rank(q) == 3:
+                    data = transfer.Recorded(*[[t.unsqueeze(1) if t is not None and t.dim() == 3 else t for t in ts]
+                                               for ts in (data.q, data.k, data.v, data.key_mask, data.out)])
+                causal = bool(node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False))
+                maps, before, after = transfer.train_hedgehog(data, init, causal=causal, scale=node.kwargs.get("scale"),
+                                                              steps=o.steps, lr=o.lr)
+                rule.trained[node.name] = maps
+                rows.append({"layer": f"{order[node]}:{node.name}", "error_before": before, "error_after": after})
+                progress.advance(task)
+        return rows

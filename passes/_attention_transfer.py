@@ -1,0 +1,102 @@
+"""Calibration of linear attention by layer-wise attention transfer (LoLCATs, Hedgehog).
+
+For each attention layer that becomes linear, the softmax layer's inputs and output are
+recorded on the calibration batches (one run of the graph before the rewrite, through an
+``fx.Interpreter``); then only that layer's new parameters - Hedgehog's feature maps
+``[W_h; b_h]`` of every query and key head - are trained so that the linear layer's
+output matches the softmax layer's on the same q/k/v::
+
+    min_theta  mean || LinearAttention_theta(q, k, v) - softmax(s q k^T + M) v ||^2
+
+with Adam, ``steps`` steps per layer, every layer on its own (its inputs are the softmax
+model's, so errors do not compound during training and the layers are independent). The
+error before (the identity initialisation) and after is kept per layer for the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+
+from optcc.ir import flat_inputs
+from optcc.kernels import linear_attention as la
+
+
+@dataclass
+class Recorded:
+    q: list
+    k: list
+    v: list
+    key_mask: list   # [B, S] bool (True = a real key) or None, per batch
+    out: list
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm, nodes: set, key_masks: dict):
+        super().__init__(gm)
+        self.nodes, self.key_masks = nodes, key_masks
+        self.seen: dict[fx.Node, Recorded] = {n: Recorded([], [], [], [], []) for n in nodes}
+        self.values: dict = {}
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        if n in self.key_masks.values():
+            self.values[n] = result
+        if n in self.nodes:
+            q, k, v = (self.env[a] for a in n.args[:3])
+            mask = n.args[3] if len(n.args) > 3 else None
+            record = self.seen[n]
+            record.key_mask.append(None if mask is None else _key_rows(self.env[mask], q.shape[0], k.shape[-2]))
+            record.q.append(q.detach())
+            record.k.append(k.detach())
+            record.v.append(v.detach())
+            record.out.append(result.detach())
+        return result
+
+
+def _key_rows(mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor:
+    """A key-padding mask (the same for every query and head) as ``[B, S]`` bools."""
+    from optcc.kernels.token_merge import MASKED
+
+    real = mask if mask.dtype == torch.bool else mask > MASKED
+    while real.dim() < 4:
+        real = real.unsqueeze(0)
+    return real.expand(batch, real.shape[1], real.shape[2], keys)[:, 0, 0, :]
+
+
+def record(gm: fx.GraphModule, nodes: Sequence[fx.Node], batches: Sequence[Any]) -> dict[fx.Node, Recorded]:
+    """Each node's q/k/v and output on every calibration batch (tuples of model inputs)."""
+    recorder = _Recorder(gm, set(nodes), {})
+    with torch.no_grad():
+        for batch in batches:
+            args = batch if isinstance(batch, (tuple, list)) else (batch,)
+            recorder.run(*flat_inputs(gm, args))
+    return recorder.seen
+
+
+def train_hedgehog(recorded: Recorded, params: torch.Tensor, *, causal: bool, scale, steps: int, lr: float) -> tuple[torch.Tensor, float, float]:
+    """``(trained params, error before, error after)``: relative RMS error of the layer output."""
+    theta = params.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([theta], lr=lr)
+
+    def error(p) -> torch.Tensor:
+        total, norm = 0.0, 0.0
+        for q, k, v, mask, out in zip(recorded.q, recorded.k, recorded.v, recorded.key_mask, recorded.out):
+            got = la.linear_attention_torch(q, k, v, mask, "hedgehog", p, causal, scale=scale)
+            total = total + (got - out).pow(2).mean()
+            norm = norm + out.pow(2).mean()
+        return (total / norm).sqrt()
+
+    with torch.no_grad():
+        before = float(error(theta))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = error(theta)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = float(error(theta))
+    return theta.detach(), before, after
