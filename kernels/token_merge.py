@@ -35,7 +35,8 @@ Merging (``token_merge(x, size, dest, n_out, weight)``)::
     x'[b, j] = sum_{i : dest[b, i] = j} w[b, i] x[b, i]  /  sum_{i : dest[b, i] = j} w[b, i]
     s'[b, j] = sum_{i : dest[b, i] = j} s[b, i]
 
-with ``w = s`` (a size-weighted average, ToMe's ``merge_wavg``) or the given weight
+(0 for a group whose weights are all 0), with ``w = s`` (a size-weighted average, ToMe's
+``merge_wavg``) or the given weight
 (``topk``: size x attention, so the fused token is the attention-weighted average of the
 tokens it replaces). ``token_unmerge(x', dest)[b, i] = x'[b, dest[b, i]]`` copies every
 merged token back to its sources (a dense output needs every input token);
@@ -64,6 +65,8 @@ _lib.define("token_merge(Tensor x, Tensor size, Tensor dest, int n_out, Tensor? 
 _lib.define("token_unmerge(Tensor x, Tensor dest) -> Tensor")
 _lib.define("token_pool(Tensor x, Tensor size, int start=0, bool mean=True) -> Tensor")
 
+
+_TINY = torch.finfo(torch.float32).tiny
 
 #: an attention bias at or below this masks its key out (softmax weight e^-10000 = 0)
 MASKED = -1e4
@@ -148,8 +151,10 @@ def _topk_plan(attention, keep_tokens, protected):
     # every token not in ``order`` goes to the fused token (last); its representative is the
     # first such token, so ``keep`` stays a list of input positions
     in_order = torch.zeros(b, n, dtype=torch.bool, device=attention.device).scatter(1, order, True)
-    pruned_first = (~in_order).to(torch.int64).argmax(dim=-1, keepdim=True)
-    keep = torch.cat([order, pruned_first], dim=1)
+    # the fused token's representative: the pruned token of highest attention (a real token
+    # whenever one was pruned, so its key mask is a real token's)
+    best_pruned = attention.float().masked_fill(in_order, float("-inf")).argmax(dim=-1, keepdim=True)
+    keep = torch.cat([order, best_pruned], dim=1)
     dest = torch.full((b, n), n_out - 1, dtype=torch.int64, device=attention.device)
     dest = dest.scatter(1, order, _positions(n_out - 1, attention).expand(b, n_out - 1).contiguous())
     return dest, keep
@@ -169,7 +174,8 @@ def _token_merge(x, size, dest, n_out, weight=None):
     total = x.new_zeros(b, n_out, c, dtype=torch.float32).scatter_add(1, index, x.float() * w[:, :, None])
     w_sum = w.new_zeros(b, n_out).scatter_add(1, dest, w)
     size_out = size.new_zeros(b, n_out).scatter_add(1, dest, size)
-    return (total / w_sum[:, :, None]).to(x.dtype), size_out
+    # a group whose weights are all 0 (topk fusing only padding, which has no attention) is 0
+    return (total / w_sum.clamp_min(_TINY)[:, :, None]).to(x.dtype), size_out
 
 
 def _token_unmerge(x, dest):

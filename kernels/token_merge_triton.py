@@ -89,7 +89,8 @@ def token_merge_kernel(
         s_sum += s.to(s_sum.dtype)
 
     out_row = (b * n_out + rj).to(tl.int64) * C
-    y = acc / tl.where(j_ok, w_sum, 1.0)[:, None]  # lanes past n_out: no 0 / 0
+    # lanes past n_out, and groups whose weights are all 0 (as the torch form: 0)
+    y = acc / tl.where(j_ok, tl.maximum(w_sum, 1.1754943508222875e-38), 1.0)[:, None]
     tl.store(out_ptr + out_row[:, None] + rc[None, :], y.to(out_ptr.dtype.element_ty),
              mask=j_ok[:, None] & c_ok[None, :])
     tl.store(size_out_ptr + b * n_out + rj, s_sum.to(size_out_ptr.dtype.element_ty), mask=j_ok & (pid_c == 0))

@@ -136,15 +136,23 @@ def _move_tokens_first(insert: Inserter, value: fx.Node, tok: Tokens) -> tuple[f
 
 
 def unmerge(insert: Inserter, value: fx.Node, tok: Tokens, gen: Generation, why: str) -> fx.Node:
-    """``value``'s tokens copied back to the ``gen.before`` tokens they came from."""
-    if tok.batch_dim is None or tok.start != 0 or gu.shape(value)[tok.dim] != gen.after:
+    """``value``'s tokens copied back to the ``gen.before`` tokens they came from (those from
+    ``tok.start`` on, when ``value`` holds the tokens after a slice of the protected ones)."""
+    if tok.batch_dim is None:
         raise NotFollowable(value, f"the tokens must be unmerged ({why}) but their batch axis is not known")
+    if tok.start > gen.protected or gu.shape(value)[tok.dim] != gen.after - tok.start:
+        raise NotFollowable(value, f"the tokens must be unmerged ({why}) but they are a part of the tokens "
+                                   f"that does not end with the last")
     shape = list(gu.shape(value))
     moved, perm = _move_tokens_first(insert, value, tok)
-    full = insert(ops.token_unmerge, (moved, gen.dest))
+    dest = gen.dest
+    if tok.start:  # protected tokens map to themselves: the rest map among the rest
+        dest = insert(aten.sub.Tensor, (insert(aten.slice.Tensor, (dest, 1, tok.start, INT_MAX)), tok.start))
+    full = insert(ops.token_unmerge, (moved, dest))
+    before = gen.before - tok.start
     if gu.rank(value) != 3:
         permuted = [shape[p] for p in perm] if perm else shape
-        full = insert(aten.reshape.default, (full, [permuted[0], gen.before] + permuted[2:]))
+        full = insert(aten.reshape.default, (full, [permuted[0], before] + permuted[2:]))
     if perm:
         inverse = [perm.index(d) for d in range(len(perm))]
         full = insert(aten.permute.default, (full, inverse))

@@ -104,11 +104,13 @@ def test_non_contiguous_x():
     check(x, torch.rand(2, 9) + 0.5, dest, n_out, block_c=4)
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # the interpreter's 0 / 0
-def test_empty_group_is_nan_like_torch_and_empty_inputs():
+def test_empty_or_weightless_group_is_zero_like_torch_and_empty_inputs():
     dest = torch.tensor([[0, 0, 2, 2, 2]])  # output token 1 has no source
     got, size = check(torch.randn(1, 5, 3), torch.ones(1, 5), dest, 3)
-    assert torch.isnan(got[0, 1]).all() and size.tolist() == [[2, 0, 3]]
+    assert (got[0, 1] == 0).all() and size.tolist() == [[2, 0, 3]]
+    weights = torch.tensor([[1.0, 1.0, 0.0, 0.0, 0.0]])  # group 2: only weightless tokens (fused padding)
+    got, _ = check(torch.randn(1, 5, 3), torch.ones(1, 5), dest, 3, weight=weights)
+    assert (got[0, 2] == 0).all() and torch.isfinite(got).all()
     got, size = check(torch.randn(1, 5, 0), torch.ones(1, 5), dest, 3)  # C = 0 still sums sizes
     assert got.shape == (1, 3, 0) and size.tolist() == [[2, 0, 3]]
     got, size = token_merge_triton(torch.randn(0, 5, 3), torch.ones(0, 5), torch.zeros(0, 5, dtype=torch.int64), 2)

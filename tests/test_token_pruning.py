@@ -445,3 +445,39 @@ def test_causal_attention_is_left_alone():
     _, out, stats = prune(model, (x,), r=2)
     assert stats["matches"] == 0 and "causal attention: a merged token would see later tokens" in stats["message"]
     torch.testing.assert_close(out, model(x))
+
+
+class GridDecoder(nn.Module):
+    """A dense head as saliency/segmentation models have: the patch tokens (class token
+    sliced off) laid out on the patch grid, then convolutions - it needs every patch token."""
+
+    def __init__(self):
+        super().__init__()
+        self.vit = VisionTransformer(**{**SMALL, "num_classes": 0})
+        self.conv = nn.Conv2d(64, 1, 3, padding=1)
+
+    def forward(self, x):
+        tokens = self.vit.forward_features(x)[:, 1:]
+        grid = tokens.transpose(1, 2).reshape(x.shape[0], 64, 4, 4)
+        return self.conv(grid)
+
+
+class Features(nn.Module):
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x):
+        return self.vit.forward_features(x)
+
+
+def test_grid_decoder_reads_the_patch_tokens_unmerged():
+    model = GridDecoder().eval()
+    x = image()
+    compiled, out, stats = prune(model, (x,), r=2)
+    assert stats["matches"] == 3 and len(stats["unmerged"]) == 1 and "reshape splits" in stats["unmerged"][0]
+    # the decoder sees exactly the dense (unmerged) tokens of the same pruned backbone
+    _, dense, _ = prune(Features(model.vit), (x,), r=2)
+    with torch.no_grad():
+        expected = model.conv(dense[:, 1:].transpose(1, 2).reshape(2, 64, 4, 4))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
