@@ -147,12 +147,12 @@ def test_exported_onnx_runs_in_onnx_runtime(tmp_path):
 
 def test_calibration_trains_hedgehog_maps_toward_softmax():
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10).eval()
-    batches = [(torch.randn(2, 3, 32, 32),) for _ in range(3)]
+    batches = [(torch.randn(2, 3, 32, 32),) for _ in range(2)]
     x = torch.randn(2, 3, 32, 32)
     _, out_init, identity = linearize(model, (x,), feature_map="hedgehog")
-    compiled, out, record = linearize(model, (x,), feature_map="hedgehog", calibrate=batches, steps=60, lr=0.02)
+    compiled, out, record = linearize(model, (x,), feature_map="hedgehog", calibrate=batches, steps=25, lr=0.03)
     rows = record.stats["calibration"]
     assert [r["layer"].split(":")[0] for r in rows] == ["0", "1"]
     assert all(r["error_after"] < 0.8 * r["error_before"] for r in rows)  # each layer closer to its softmax
-    assert "calibrated on 3 batches" in record.message
+    assert "calibrated on 2 batches" in record.message
     assert record.error < identity.error  # and the whole model closer to the original, on unseen inputs
