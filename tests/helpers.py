@@ -62,3 +62,32 @@ class SmallConvBN(torch.nn.Module):
 
     def forward(self, x):
         return self.head(self.bn(self.conv(x)).relu().mean((2, 3)))
+
+
+class BackgroundBuild:
+    """Ahead-of-time Triton builds in a clean process (no ``TRITON_INTERPRET``, which the
+    test session sets): ``script`` runs with ``python -c`` and ``argv``, and writes a JSON
+    list to the path given as its last argument. Start it in a module-scoped fixture, so it
+    compiles while other tests run; ``results()`` waits for it; ``stop()`` kills it."""
+
+    def __init__(self, directory, script: str, argv: list[str]):
+        import os
+        import subprocess
+        import sys
+
+        self.path = directory / "builds.json"
+        env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+        self.process = subprocess.Popen([sys.executable, "-c", script, *argv, str(self.path)], env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def results(self, timeout: float = 300) -> list:
+        import json
+
+        _, stderr = self.process.communicate(timeout=timeout)
+        assert self.process.returncode == 0, stderr[-4000:]
+        return json.loads(self.path.read_text())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

@@ -9,12 +9,10 @@ run the online-softmax rescaling over many key blocks.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
+from helpers import BackgroundBuild
 import torch
 import torch.nn.functional as F
 from optcc.kernels.flash_attention import (
@@ -256,22 +254,14 @@ with open(sys.argv[2], "w") as file:
 def _aot_build_process(request, tmp_path_factory):
     """The ahead-of-time builds, in a clean process started by the first test that needs them
     (not in the background of other tests: nothing of it outlives this module's tests)."""
-    result_path = tmp_path_factory.mktemp("flash_attention_aot") / "builds.json"
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    process = subprocess.Popen([sys.executable, "-c", _AOT_SCRIPT, json.dumps(AOT_VARIANTS), str(result_path)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    yield process, result_path
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    build = BackgroundBuild(tmp_path_factory.mktemp("flash_attention_aot"), _AOT_SCRIPT, [json.dumps(AOT_VARIANTS)])
+    yield build
+    build.stop()
 
 
 @pytest.fixture(scope="module")
 def aot_builds(_aot_build_process):
-    process, result_path = _aot_build_process
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-4000:]
-    return dict(zip(AOT_VARIANTS, json.loads(result_path.read_text())))
+    return dict(zip(AOT_VARIANTS, _aot_build_process.results()))
 
 
 def _value_roots(ttir: str, value: str) -> set[str]:

@@ -11,12 +11,10 @@ builds run in a clean process started with the module, beside the other tests.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
+from helpers import BackgroundBuild
 import torch
 from test_flash_attention import _value_roots
 
@@ -380,7 +378,8 @@ _AOT_SCRIPT = r"""
 import json, sys
 from optcc.lowering.aot import compile_for_target
 import optcc.kernels.linear_attention_triton as module
-variants, kernels, blocks, block, path = json.loads(sys.argv[1])
+variants, kernels, blocks, block = json.loads(sys.argv[1])
+path = sys.argv[2]
 results = []
 for arch, kernel, dtype, feature_dtype, feature in variants:
     constexprs = dict(FEATURE=feature, DOT_IN_FP32=False, INPUT_PRECISION="ieee", **{b: block for b in blocks[kernel]})
@@ -398,23 +397,15 @@ with open(path, "w") as file:
 def _aot_build_process(tmp_path_factory):
     """The builds, in a clean process (no TRITON_INTERPRET) started with the module so that
     it compiles while the interpreter tests run; killed when the module's tests end."""
-    path = tmp_path_factory.mktemp("linear_attention_aot") / "builds.json"
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    process = subprocess.Popen(
-        [sys.executable, "-c", _AOT_SCRIPT, json.dumps([AOT_VARIANTS, _KERNELS, _BLOCKS, AOT_BLOCK, str(path)])],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    yield process, path
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    build = BackgroundBuild(tmp_path_factory.mktemp("linear_attention_aot"), _AOT_SCRIPT,
+                            [json.dumps([AOT_VARIANTS, _KERNELS, _BLOCKS, AOT_BLOCK])])
+    yield build
+    build.stop()
 
 
 @pytest.fixture(scope="module")
 def aot_builds(_aot_build_process):
-    process, path = _aot_build_process
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-4000:]
-    return dict(zip(AOT_VARIANTS, json.loads(path.read_text())))
+    return dict(zip(AOT_VARIANTS, _aot_build_process.results()))
 
 
 def _roots(ttir, line):
