@@ -19,11 +19,14 @@ in what the CPU makes fast, and in whether the integer products can saturate:
                           a torch without a quantized engine.
 ========================  ===================================================================
 
-Choice (``auto``, made once per process, :func:`choose`): on a CPU with VNNI or AMX the
-first exact one of ``onednn``, ``int_mm``, ``fbgemm``; elsewhere ``fbgemm_split``. What
-backs the order (docs/benchmarks.md, ``examples/bench_int8.py``): on a Xeon with AMX,
-oneDNN's GEMM ran 5-15x faster than fp32, ``_int_mm`` 2-7x, fbgemm 1.2-3.6x; on an AVX2
-EPYC ``_int_mm`` ran at 0.04-0.06x of fp32 and only the sign split was exact. "Exact" is
+Choice (``auto``, made once per process, :func:`choose`): on a CPU with AMX the first exact
+one of ``onednn``, ``int_mm``, ``fbgemm``; with VNNI but no AMX ``int_mm``, ``fbgemm``,
+``onednn``; elsewhere ``fbgemm_split``. What backs the order (docs/benchmarks.md,
+``examples/bench_int8.py``): on a Xeon with AMX, oneDNN's GEMM ran 5-15x faster than fp32,
+``_int_mm`` 2-7x, fbgemm 1.2-3.6x; on an AMD EPYC with AVX512-VNNI and no AMX, oneDNN's
+GEMM ran 600-1000x *slower* than fp32 (a reference path), ``_int_mm`` 2-7x faster, fbgemm
+1.3-6.5x; on an AVX2 EPYC ``_int_mm`` ran at 0.04-0.06x of fp32 and only the sign split
+was exact. "Exact" is
 not assumed from the flags: before a kernel is first used, :func:`probe` runs it on
 full-scale operands where 16-bit pair sums saturate and compares with the exact integer
 product; a kernel that fails is never chosen, and forcing it raises.
@@ -254,8 +257,13 @@ class Choice:
 
 def preference() -> tuple[str, ...]:
     info = cpu()
-    if info.vnni or info.amx:
+    if info.amx:
         return ("onednn", "int_mm", "fbgemm", "fbgemm_split", "fp32")
+    if info.vnni:
+        # Without AMX, oneDNN's s8 x s8 GEMM took 150-3800 ms where fp32 took 0.2-6 ms
+        # (AMD EPYC, AVX512-VNNI): it falls back to a reference path. _int_mm ran 2-7x
+        # faster than fp32 there.
+        return ("int_mm", "fbgemm", "onednn", "fbgemm_split", "fp32")
     return ("fbgemm_split", "fp32")
 
 

@@ -36,6 +36,7 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.flop_counter
 
 from .int8_cpu import choose, quantize_rows_int8
 from .int8_quantize import int8_linear_reference, outlier_columns, quantize_rows, quantize_weight
@@ -155,3 +156,12 @@ _lib.impl("int8_linear", _int8_linear, "CompositeExplicitAutograd")
 torch.library.register_fake("optcc::int8_linear", _int8_linear_fake, lib=_lib)
 
 int8_linear = torch.ops.optcc.int8_linear.default
+
+
+@torch.utils.flop_counter.register_flop_formula(torch.ops.optcc.int8_linear)
+def _int8_linear_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    """``2 M N K``: int8 removes no multiply-adds (they become integer ones)."""
+    rows = 1
+    for d in x_shape[:-1]:
+        rows *= d
+    return int(2 * rows * weight_shape[0] * weight_shape[1])

@@ -118,6 +118,7 @@ import math
 from typing import Any
 
 import torch
+import torch.utils.flop_counter
 import torch.nn.functional as F
 
 __all__ = [
@@ -533,6 +534,15 @@ torch.library.register_fake("optcc::linear_attention", _linear_attention_fake, l
 torch.library.register_autograd("optcc::linear_attention", _backward, setup_context=_setup_context, lib=_lib)
 
 linear_attention = torch.ops.optcc.linear_attention.default
+
+
+@torch.utils.flop_counter.register_flop_formula(torch.ops.optcc.linear_attention)
+def _linear_attention_flops(q_shape, k_shape, v_shape, *args, num_features=0, out_shape=None, **kwargs) -> int:
+    """``phi(K)^T V`` and ``phi(Q) S`` with their normalizers: ``2 B H F (Ev + 1) (L + S)``,
+    F features per head (``num_features``, else the head size); feature maps not counted."""
+    batch, heads, queries, head_dim = (1,) * (4 - len(q_shape)) + tuple(q_shape)
+    features = num_features or head_dim
+    return int(2 * batch * heads * features * (v_shape[-1] + 1) * (queries + k_shape[-2]))
 
 #: ``{optcc::linear_attention: linear_attention_torch}``: a decomposition table for
 #: ``ExportedProgram.run_decompositions`` / ``make_fx(decomposition_table=...)``.

@@ -6,9 +6,10 @@
 See README.md and docs/architecture.md. The function lives in :mod:`optcc.compiler`; the
 error classes users catch are exported here (``optcc.InputMismatchError``,
 ``optcc.TargetError``, ``optcc.CaptureError``, ``optcc.PassOrderError``, ``optcc.OptionError``,
-``optcc.OnnxError``).
+``optcc.OnnxError``, ``optcc.BudgetError``).
 """
 
+from .budget import Budget, BudgetError, BudgetResult
 from .compiler import InputMismatchError, OptimizedModule, Pipeline, TargetError, compile, default_passes
 from .dump import graph_dot, graph_text
 from .ir import CaptureError, capture, op_counts
@@ -29,7 +30,7 @@ from .report import PassRecord, Report
 __version__ = "0.1.0"
 
 __all__ = [
-    "CaptureError", "InputMismatchError", "OnnxError", "OptimizedModule", "OptionError", "Pass", "PassError", "PassManager",
+    "Budget", "BudgetError", "BudgetResult", "CaptureError", "InputMismatchError", "OnnxError", "OptimizedModule", "OptionError", "Pass", "PassError", "PassManager",
     "PassOrderError", "PassRecord", "PassResult", "Pipeline", "Report", "TargetError",
     "UnknownPassError", "capture", "compile", "default_passes", "get_pass", "graph_dot",
     "graph_text", "list_passes", "op_counts", "register_pass",

@@ -4,6 +4,7 @@
     optcc dump MODEL [--passes a,b] [--after-each] [--explain] [--format text|dot|svg|html|triton] [--out DIR]
     optcc bench MODEL [--passes a,b] [--runs N] [--batch N] [--targets eager,optcc-eager]
     optcc export MODEL [--passes a,b] --out model.onnx
+    optcc tune MODEL --passes a,b --budget METRIC:MAX_DROP [--data FILE.pt] [--objective latency|flops] [--out DIR]
     optcc demo
 
 MODEL is a model spec (see :mod:`optcc.models`): ``demo``, ``timm:NAME[@BATCH]``,
@@ -34,6 +35,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import ir
+from .budget import BudgetError
 from .compiler import TargetError, default_passes
 from .compiler import compile as optcc_compile
 from .dump import dot_available, graph_dot, graph_text, triton_text, write_dumps
@@ -52,7 +54,7 @@ class UsageError(Exception):
 # Errors the user can fix by changing the command or the model: one line, exit status 2.
 # (A model that cannot be captured names the line of the model that stops torch.export.)
 USER_ERRORS = (UsageError, ModelSpecError, UnknownPassError, OptionError, PassOrderError, TargetError, OnnxError,
-               ir.CaptureError)
+               ir.CaptureError, BudgetError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -215,6 +217,58 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget_batches(args: argparse.Namespace, inputs: tuple) -> tuple[list, list]:
+    """Calibration and held-out batches: ``--data`` (a ``torch.save``d list of input tuples,
+    the last ``--heldout`` of them held out), else random batches shaped like ``inputs``."""
+    if args.data:
+        try:
+            batches = torch.load(args.data, weights_only=True)
+        except Exception as exc:
+            raise UsageError(f"--data {args.data}: cannot read it with torch.load ({_first_line(exc)}); save a list "
+                             f"of input tuples with torch.save") from exc
+        if not isinstance(batches, (list, tuple)) or len(batches) <= args.heldout:
+            raise UsageError(f"--data {args.data} must hold a list of more than --heldout={args.heldout} batches")
+        batches = [tuple(b) if isinstance(b, (list, tuple)) else (b,) for b in batches]
+        return batches[:len(batches) - args.heldout], batches[len(batches) - args.heldout:]
+    generator = torch.Generator().manual_seed(0)
+
+    def like(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        if x.is_floating_point():
+            return torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        high = int(x.max().item()) + 1 if x.numel() else 1
+        return torch.randint(0, max(high, 1), x.shape, generator=generator, dtype=x.dtype)
+
+    batches = [tuple(like(x) for x in inputs) for _ in range(args.batches + args.heldout)]
+    return batches[:args.batches], batches[args.batches:]
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .budget import METRICS, OBJECTIVES, Budget
+
+    metric, _, drop = args.budget.partition(":")
+    try:
+        max_drop = float(drop)
+    except ValueError:
+        raise UsageError(f"--budget takes METRIC:MAX_DROP, e.g. cosine:0.02 (got '{args.budget}')") from None
+    if metric not in METRICS:
+        raise UsageError(f"--budget metric '{metric}' is not one of {', '.join(METRICS)}")
+    if args.objective not in OBJECTIVES:
+        raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}")
+    if args.batches < 1 or args.heldout < 0:
+        raise UsageError("--batches must be at least 1 and --heldout at least 0")
+    passes = parse_passes(args.passes)
+    model, inputs = load_model(args.model, batch=args.batch)
+    data, heldout = _budget_batches(args, inputs)
+    budget = Budget(metric, max_drop=max_drop, data=data, heldout=heldout, objective=args.objective,
+                    cache=not args.no_cache, out=args.out)
+    with torch.no_grad():
+        compiled = optcc_compile(model, passes, example_inputs=data[0], target=args.target, budget=budget)
+    print(compiled.report.render())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .bench import BenchResult, Contender, load_average, contention_notes, measure
     from .models import demo_model
@@ -300,6 +354,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE.onnx", required=True, help="the ONNX file to write")
     p.add_argument("--batch", type=int, help="batch size for demo, timm: and ONNX models")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("tune", parents=[common], help="choose the approximate passes' settings within an accuracy budget",
+                       description="Search the per-layer settings of the approximate passes named in --passes for "
+                                   "the fastest that keep the metric within the budget (optcc.budget), and print "
+                                   "what was chosen and tried.")
+    p.add_argument("model", metavar="MODEL", help=SPEC_HELP)
+    p.add_argument("--passes", required=True, help=passes_help)
+    p.add_argument("--budget", required=True, metavar="METRIC:MAX_DROP",
+                   help="cosine, top1 or perplexity, and the largest drop allowed, e.g. cosine:0.02")
+    p.add_argument("--data", metavar="FILE.pt", help="a torch.save'd list of input tuples (default: random batches "
+                                                       "shaped like the model's example inputs)")
+    p.add_argument("--batches", type=int, default=4, help="random calibration batches (default 4)")
+    p.add_argument("--heldout", type=int, default=1, help="batches held out of the search (default 1)")
+    p.add_argument("--objective", default="latency", help="latency (timed here, default) or flops (counted)")
+    p.add_argument("--target", default="inductor", help="optcc target the latency is timed on: inductor (default) "
+                                                        "or eager")
+    p.add_argument("--batch", type=int, help="batch size for demo and timm: models")
+    p.add_argument("--out", metavar="DIR", help="write the Pareto table (budget.md) and plot (budget.svg) to DIR")
+    p.add_argument("--no-cache", action="store_true", help="measure everything again (default: reuse the cache)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("demo", parents=[common], help="optimize the built-in demo model and time it")
     p.add_argument("--runs", type=int, default=5, help="timed runs (default 5)")

@@ -143,6 +143,7 @@ class Pipeline:
     fail_fast: bool = False
     dump_after_each: bool = False
     cache: dict[tuple, Specialization] = field(default_factory=dict)
+    budget: Any = None  # the budget search that chose these passes (optcc.budget.BudgetResult)
 
     def build(self, capture: Callable[[], fx.GraphModule], flat_inputs: Sequence[Any]) -> Specialization:
         start = time.perf_counter()
@@ -154,6 +155,7 @@ class Pipeline:
         gm, report = manager.run(gm)
         runner = lower(gm, self.target, flat_inputs)
         report.notes.append(f"target: {self.target}; inputs {_describe(signature_of(flat_inputs))}")
+        report.budget = self.budget
         return Specialization(gm, runner, report, time.perf_counter() - start, state_targets)
 
 
@@ -294,6 +296,7 @@ def compile(
     fail_fast: bool = False,
     dump_after_each: bool = False,
     guard: bool | str = True,
+    budget: Any = None,
 ) -> OptimizedModule:
     """Optimize ``model`` with ``passes`` and return a module that runs the result.
 
@@ -311,14 +314,24 @@ def compile(
     replaced layers or train/eval switch): no check, and folded weights go stale if the
     promise is broken - the contract of timm's ``reparameterize_model`` or Inductor's
     ``freezing``. ``compiled.refresh()`` rebuilds after a deliberate change.
+    ``budget`` (an :class:`optcc.Budget`): the settings of the approximate passes named in
+    ``passes`` are searched, layer by layer, for the fastest within the budget's metric drop
+    (:mod:`optcc.budget`); ``compiled.report`` shows the choice and what was tried.
     The model is compiled now, on ``example_inputs``, so errors surface here.
     """
     pass_list = default_passes() if passes is None else [make_pass(p) for p in passes]
-    pipeline = Pipeline(pass_list, resolve_target(target), verify=verify, tolerance=tolerance,
-                        fail_fast=fail_fast, dump_after_each=dump_after_each)
-    compiled = OptimizedModule(model, pipeline, guard=guard)
     args = ir._normalize_inputs(example_inputs) if example_inputs is not None else ()
     if isinstance(model, ExportedProgram) and example_inputs is None:
         args, example_kwargs = ir.example_inputs_of(model)
+    resolved = resolve_target(target)
+    chosen = None
+    if budget is not None:
+        from .budget import tune
+
+        chosen = tune(model, args, example_kwargs or {}, pass_list, budget, resolved)
+        pass_list = chosen.passes
+    pipeline = Pipeline(pass_list, resolved, verify=verify, tolerance=tolerance,
+                        fail_fast=fail_fast, dump_after_each=dump_after_each, budget=chosen)
+    compiled = OptimizedModule(model, pipeline, guard=guard)
     compiled.specialize(args, example_kwargs or {})
     return compiled

@@ -12,7 +12,10 @@ A pass is a class with
   both are selected (ordering constraints, as in torch.fx's pass manager), so a new pass
   states where it belongs without editing the passes around it;
 * ``in_default_pipeline``: False for an exact pass that runs only when named;
-* ``run(gm) -> PassResult``: rewrites the canonical graph in place and says what changed.
+* ``run(gm) -> PassResult``: rewrites the canonical graph in place and says what changed;
+* for approximate passes that an accuracy budget may tune (:mod:`optcc.budget`):
+  ``knobs(gm) -> [Knob]``, the per-layer settings a search may choose among, and
+  ``configure(choices) -> [Pass]``, the passes that apply exactly those choices.
 
 The core knows no particular pass: ``optcc.passes`` (the ``passes/`` folder) registers
 the built-in ones on import, and third-party packages register theirs through the
@@ -62,6 +65,27 @@ class NoOptions:
     pass
 
 
+@dataclass(frozen=True)
+class Knob:
+    """One per-layer choice an approximate pass offers to a search (:mod:`optcc.budget`).
+
+    ``settings`` are the values the layer may take, mildest first; choosing none leaves
+    the layer exact. ``flops_saved[i]`` is the pass's estimate, from the graph, of the
+    FLOPs that ``settings[i]`` removes from one call (0 where it removes none, e.g. int8);
+    ``work`` is the FLOPs the layer does, used to share a measured speed-up among layers
+    when no setting removes FLOPs.
+    """
+
+    layer: str
+    settings: tuple
+    flops_saved: tuple = ()
+    work: float = 0.0
+
+    def saved(self, setting: Any) -> float:
+        index = self.settings.index(setting)
+        return float(self.flops_saved[index]) if index < len(self.flops_saved) else 0.0
+
+
 class Pass:
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
@@ -93,6 +117,14 @@ class Pass:
     def run(self, gm: fx.GraphModule) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def knobs(self, gm: fx.GraphModule) -> list[Knob]:
+        """The per-layer settings a budget search may choose for ``gm`` (none: not tunable)."""
+        return []
+
+    def configure(self, choices: dict[str, Any]) -> list["Pass"]:
+        """Passes that apply ``choices`` (``{knob.layer: setting}``) and leave every other layer exact."""
+        raise NotImplementedError(f"pass '{self.name}' offers no settings to tune")
+
     def __call__(self, gm: fx.GraphModule) -> PassResult:
         return self.run(gm)
 
@@ -102,8 +134,16 @@ class Pass:
             for f in dataclasses.fields(self.options)
             if getattr(self.options, f.name) != f.default
         }
-        args = ", ".join(f"{k}={v!r}" for k, v in changed.items())
+        args = ", ".join(f"{k}={_short_repr(v)}" for k, v in changed.items())
         return f"{self.name}({args})" if args else self.name
+
+
+def _short_repr(value: Any) -> str:
+    """Option values as a report line can hold them: long lists (layer selections,
+    calibration batches) by their length."""
+    if isinstance(value, (list, tuple)) and (len(value) > 6 or any(not isinstance(v, (int, float, str)) for v in value)):
+        return f"[{len(value)} items]"
+    return repr(value)
 
 
 def _resolved_type(options_cls: type, key: str) -> Any:

@@ -65,6 +65,7 @@ class Report:
     records: list[PassRecord] = field(default_factory=list)
     dumps: list[tuple[str, fx.GraphModule]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # capture fallbacks, target choices
+    budget: Any = None  # optcc.budget.BudgetResult when a budget chose the passes
 
     def __getitem__(self, name: str) -> PassRecord:
         for r in self.records:
@@ -114,6 +115,8 @@ class Report:
                     console.print(f"  {count} x {reason}{at}")
                 if len(left) > 8:
                     console.print(f"  ... {len(left) - 8} more reasons (optcc dump --explain lists every one)")
+        if self.budget is not None:
+            self.budget.render(console)
         return buf.getvalue().rstrip()
 
     def explain(self) -> str:

@@ -34,7 +34,7 @@ from optcc import graph_utils as gu
 from optcc.ir import add_constant
 from optcc.kernels import linear_attention as la
 from optcc.kernels.token_merge import MASKED
-from optcc.pass_base import OptionError, Pass, PassResult, register_pass
+from optcc.pass_base import Knob, OptionError, Pass, PassResult, register_pass
 from optcc.rewrite import NOT_ANCHOR, Match, NoMatch, Rule, apply_rules
 
 from . import _attention_transfer as transfer
@@ -168,6 +168,41 @@ class AttentionToLinear(Pass):
                               "use feature_map='hedgehog' (the other maps have nothing to learn)")
         if o.calibrate is not None and not o.calibrate:
             raise OptionError("attention_to_linear: calibrate needs at least one batch of inputs")
+        # calibrated maps by (SDPA node name, q shape), shared by the passes configure() makes
+        self._trained: dict[tuple, tuple] = {}
+
+    def knobs(self, gm: fx.GraphModule) -> list[Knob]:
+        """One knob per attention layer this pass would convert; its one setting is ``feature_map``.
+
+        FLOPs saved, per layer: softmax attention's ``4 B H Lq Lk E`` minus the linear
+        form's ``2 B H F Ev (Lq + Lk)`` (F features per head; causal layers count half of
+        the softmax work). Negative on short sequences: a search then leaves them softmax.
+        """
+        order = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.target is SDPA)}
+        rule = LinearizeAttention(self.options, order)
+        knobs = []
+        for node, index in order.items():
+            m = rule.match(gm, node)
+            if not isinstance(m, Match):
+                continue
+            q, k, v = (gu.shape(t) for t in node.args[:3])
+            lead = float(torch.tensor(q[:-2]).prod())
+            softmax = 4.0 * lead * q[-2] * k[-2] * q[-1] * (0.5 if m.values["causal"] else 1.0)
+            features = self.options.num_features or q[-1]
+            linear = 2.0 * lead * features * v[-1] * (q[-2] + k[-2])
+            knobs.append(Knob(f"attention {index}", (self.options.feature_map,), (softmax - linear,), softmax))
+        return knobs
+
+    def configure(self, choices: dict) -> list[Pass]:
+        by_map: dict[str, list[int]] = {}
+        for layer, feature_map in choices.items():
+            by_map.setdefault(feature_map, []).append(int(layer.split()[-1]))
+        passes = []
+        for feature_map, layers in sorted(by_map.items()):
+            configured = AttentionToLinear(**{**vars(self.options), "feature_map": feature_map, "layers": sorted(layers)})
+            configured._trained = self._trained  # calibrate each layer once across configurations
+            passes.append(configured)
+        return passes
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         order = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.target is SDPA)}
@@ -197,8 +232,15 @@ class AttentionToLinear(Pass):
 
         o = self.options
         chosen = [n for n in order if rule.match(gm, n)]
-        recorded = transfer.record(gm, chosen, o.calibrate)
+        memo_keys = {n: (n.name, tuple(gu.shape(n.args[0]))) for n in chosen}
         rows = []
+        for node in [n for n in chosen if memo_keys[n] in self._trained]:
+            rule.trained[node.name], row = self._trained[memo_keys[node]]
+            rows.append(row)
+        chosen = [n for n in chosen if memo_keys[n] not in self._trained]
+        if not chosen:
+            return rows
+        recorded = transfer.record(gm, chosen, o.calibrate)
         with Progress(transient=True) as progress:
             task = progress.add_task("attention transfer", total=len(chosen))
             for node in chosen:
@@ -214,5 +256,6 @@ class AttentionToLinear(Pass):
                                                               steps=o.steps, lr=o.lr)
                 rule.trained[node.name] = maps
                 rows.append({"layer": f"{order[node]}:{node.name}", "error_before": before, "error_after": after})
+                self._trained[memo_keys[node]] = (maps, rows[-1])
                 progress.advance(task)
         return rows

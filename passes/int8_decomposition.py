@@ -47,7 +47,7 @@ from optcc import graph_utils as gu
 from optcc.ir import add_constant, drop_unused_constants, get_constant
 from optcc.kernels.int8_cpu import choose as choose_cpu_kernel
 from optcc.kernels.int8_linear import int8_linear, quantize_weight
-from optcc.pass_base import Pass, PassResult, register_pass
+from optcc.pass_base import Knob, Pass, PassResult, register_pass
 from optcc.rewrite import NOT_ANCHOR, Match, NoMatch, Rule, apply_rules
 
 aten = torch.ops.aten
@@ -179,6 +179,36 @@ class Int8Decomposition(Pass):
         min_weight_elements: int = 0
         weight_only: bool = False
         cpu_kernel: str = "auto"
+
+    def knobs(self, gm: fx.GraphModule) -> list[Knob]:
+        """One knob per linear this pass would quantize: ``threshold`` as given (outlier
+        columns kept in fp32), then 0 (every column int8: faster, less exact).
+
+        int8 removes no FLOPs; ``work`` (``2 M N K``) shares a measured speed-up among layers.
+        """
+        rule = QuantizeLinear(self.options)
+        given = float(self.options.threshold or 0.0)
+        settings = (given, 0.0) if given else (0.0,)
+        knobs, self._knob_nodes = [], {}
+        for node in list(gm.graph.nodes):
+            m = rule.match(gm, node)
+            if not isinstance(m, Match):
+                continue
+            weight = m.values["weight"]
+            rows = gu.shape(m.nodes["x"])
+            rows = float(torch.tensor(rows[:-1]).prod()) if rows else 1.0
+            layer = m.values["layer"]
+            rule.layer_names.append(layer)  # the next linear of the same module gets its node's name
+            self._knob_nodes[layer] = node.name
+            knobs.append(Knob(layer, settings, (0.0,) * len(settings), 2.0 * rows * weight.numel()))
+        return knobs
+
+    def configure(self, choices: dict) -> list[Pass]:
+        by_threshold: dict[float, list[str]] = {}
+        for layer, threshold in choices.items():
+            by_threshold.setdefault(float(threshold), []).append(self._knob_nodes[layer])
+        return [Int8Decomposition(**{**vars(self.options), "threshold": threshold, "include": sorted(nodes)})
+                for threshold, nodes in sorted(by_threshold.items(), reverse=True)]
 
     def run(self, gm: fx.GraphModule) -> PassResult:
         kernel = choose_cpu_kernel(self.options.cpu_kernel)  # an unknown or inexact kernel fails here, by name

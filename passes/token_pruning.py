@@ -49,7 +49,7 @@ import torch.fx as fx
 from optcc import graph_utils as gu
 from optcc.ir import drop_unused_constants, refresh_meta
 from optcc.kernels import token_merge as ops
-from optcc.pass_base import OptionError, Pass, PassResult, register_pass
+from optcc.pass_base import Knob, OptionError, Pass, PassResult, register_pass
 from optcc.rewrite import NearMiss, source_line
 
 from . import _key_padding as key_padding
@@ -166,6 +166,45 @@ class TokenPruning(Pass):
             stats["missed"] = {f"token_pruning: {m}": 1 for m in missed}
             return PassResult(gm, stats["matches"] > 0, stats)
         raise AssertionError("protected token count did not settle")
+
+    #: tokens a block may remove, as fractions of the first block's tokens, for a budget search
+    SEARCH_FRACTIONS = (1 / 24, 1 / 12, 1 / 6)
+
+    def knobs(self, gm: fx.GraphModule) -> list[Knob]:
+        """One knob per block: r, a fraction of the first block's (unprotected) tokens.
+
+        ``flops_saved`` is that block's r alone, counted with :class:`_token_blocks.BlockFlops`;
+        the knob's name is the block index, as the per-block ``r`` list takes it.
+        """
+        blocks, _ = tb.find_blocks(gm)
+        if not blocks:
+            return []
+        protected = self.options.protected if self.options.protected is not None else tb.protected_prefix(blocks[0])
+        flops = tb.block_flops(gm, blocks)
+        total = sum(f.total for f in flops)
+        free = blocks[0].tokens - protected
+        candidates = sorted({max(1, round(free * f)) for f in self.SEARCH_FRACTIONS})
+        knobs = []
+        for i, block in enumerate(blocks):
+            settings, saved = [], []
+            for r in candidates:
+                schedule, entering = _caps(blocks, [0] * i + [r] + [0] * (len(blocks) - i - 1), protected,
+                                           self.options.method)
+                if schedule[i] != r:
+                    continue
+                settings.append(r)
+                saved.append(total * (1.0 - flops_kept(flops, schedule, entering)))
+            if settings:
+                knobs.append(Knob(f"block {block.index}", tuple(settings), tuple(saved), flops[i].total))
+        return knobs
+
+    def configure(self, choices: dict) -> list[Pass]:
+        if not choices:
+            return []
+        last = max(int(layer.split()[-1]) for layer in choices)
+        schedule = [int(choices.get(f"block {i}", 0)) for i in range(last + 1)]
+        options = {**vars(self.options), "r": schedule}
+        return [TokenPruning(**options)]
 
     def _unchanged(self, gm, reasons: list[str], nodes: list[fx.Node]) -> PassResult:
         near = [NearMiss("token_pruning", r, n.name if hasattr(n, "name") else "", source_line(n))
