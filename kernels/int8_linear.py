@@ -17,9 +17,9 @@ rounding there.
 
 Kernels, chosen by device:
 
-* CPU: the integer GEMM of :mod:`optcc.kernels.int8_cpu` (oneDNN on CPUs with VNNI or
-  AMX, fbgemm on sign-split rows elsewhere; picked once per process by what is exact and
-  fast here, or forced by the op's ``kernel`` argument), with the row quantization, the
+* CPU: the integer GEMM of :mod:`optcc.kernels.int8_cpu` (oneDNN on CPUs with AMX,
+  ``torch._int_mm`` with VNNI, fbgemm on sign-split rows elsewhere; picked once per process
+  by what is exact and fast here, or forced by the op's ``cpu_kernel`` argument), with the row quantization, the
   outlier columns, the dequantization and the bias around it.
 * CUDA: the Triton kernel in :mod:`optcc.kernels.int8_matmul` (int8 ``tl.dot`` with the
   row x column dequantization, the outlier columns and the bias in one kernel).
@@ -131,11 +131,11 @@ def _int8_linear_cpu(x, weight, weight_scale, bias, threshold, weight_only, kern
 
 _lib.define(
     "int8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, float threshold, "
-    "bool weight_only, str name, str kernel=\"auto\") -> Tensor"
+    "bool weight_only, str name, str cpu_kernel=\"auto\") -> Tensor"
 )
 
 
-def _int8_linear(x, weight, weight_scale, bias, threshold, weight_only, name, kernel="auto"):
+def _int8_linear(x, weight, weight_scale, bias, threshold, weight_only, name, cpu_kernel="auto"):
     if x.is_cuda:
         from .int8_matmul import int8_linear_triton
 
@@ -143,12 +143,12 @@ def _int8_linear(x, weight, weight_scale, bias, threshold, weight_only, name, ke
         y, outliers = int8_linear_triton(rows, weight, weight_scale, bias, threshold, weight_only)
         used = "triton"
     else:
-        y, rows, outliers, used = _int8_linear_cpu(x, weight, weight_scale, bias, threshold, weight_only, kernel)
+        y, rows, outliers, used = _int8_linear_cpu(x, weight, weight_scale, bias, threshold, weight_only, cpu_kernel)
     _record(name, rows, outliers, weight_only, used)
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _int8_linear_fake(x, weight, weight_scale, bias, threshold, weight_only, name, kernel="auto"):
+def _int8_linear_fake(x, weight, weight_scale, bias, threshold, weight_only, name, cpu_kernel="auto"):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 

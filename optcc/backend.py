@@ -10,7 +10,9 @@ Options (all optional): ``passes`` (as for ``optcc.compile``), ``target`` (defau
 rewritten graph with TorchInductor), ``verify``, ``tolerance``, ``fail_fast``, ``guard``
 (default True; ``"full"`` also compares running statistics on every call; False skips
 the per-call check of the frozen weights described below, as
-``optcc.compile(..., guard=False)`` does).
+``optcc.compile(..., guard=False)`` does), ``budget`` (an ``optcc.Budget``: its batches are
+the graph's user inputs, i.e. the model's tensor arguments in order; the search runs once,
+at the first build, and its choice serves every later specialisation).
 
 Dynamo does not guard on the values of parameters, so the backend does (``optcc.guard``):
 a frozen tensor that was replaced, updated in place or given new storage since the graph
@@ -43,7 +45,7 @@ from .guard import RunningStatistics, TensorWatch
 from .pass_base import make_pass
 from .report import Report
 
-_OPTION_NAMES = {"passes", "target", "verify", "tolerance", "fail_fast", "guard"}
+_OPTION_NAMES = {"passes", "target", "verify", "tolerance", "fail_fast", "guard", "budget"}
 
 # What dynamo got back from this backend, while dynamo still holds it. Dynamo hides the
 # callable a backend returns inside its code cache; this is how a user (or a test) can
@@ -85,8 +87,9 @@ class _CompiledDynamoGraph:
     symbolic (dynamic shapes); dynamo calls the result right after compiling anyway.
     """
 
-    def __init__(self, gm: fx.GraphModule, pipeline: Pipeline, guard: bool | str = True):
+    def __init__(self, gm: fx.GraphModule, pipeline: Pipeline, guard: bool | str = True, budget: Any = None):
         guard = guards.guard_level(guard)
+        self.budget = budget
         if guard:
             guards.install_hooks()
         self.gm = gm
@@ -164,6 +167,11 @@ class _CompiledDynamoGraph:
 
     def _build(self, inputs: Sequence[Any], user: list) -> Specialization:
         module = _FrozenGraph(self.gm, inputs, self.frozen).eval()
+        if self.budget is not None and self.pipeline.budget is None:
+            from .budget import tune
+
+            chosen = tune(module, tuple(user), {}, self.pipeline.passes, self.budget, self.pipeline.target)
+            self.pipeline.passes, self.pipeline.budget = chosen.passes, chosen
         try:
             return self.pipeline.build(lambda: ir.capture(module, tuple(user)), user)
         except ir.CaptureError as exc:
@@ -195,4 +203,4 @@ def optcc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
         tolerance=options.get("tolerance"),
         fail_fast=bool(options.get("fail_fast", False)),
     )
-    return _CompiledDynamoGraph(gm, pipeline, guard=options.get("guard", True))
+    return _CompiledDynamoGraph(gm, pipeline, guard=options.get("guard", True), budget=options.get("budget"))

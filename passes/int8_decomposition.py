@@ -146,7 +146,7 @@ class QuantizeLinear(Rule):
         s_node = add_constant(gm, f"{base}_scale", scale, before=node)
         threshold = float(self.options.threshold or 0.0)
         # the kernel argument is written only when forced, so graphs read as before
-        kwargs = {} if self.options.cpu_kernel == "auto" else {"kernel": self.options.cpu_kernel}
+        kwargs = {} if self.options.cpu_kernel == "auto" else {"cpu_kernel": self.options.cpu_kernel}
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(
                 int8_linear,

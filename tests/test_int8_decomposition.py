@@ -231,8 +231,22 @@ def test_report_names_the_cpu_kernel_and_a_forced_kernel_is_in_the_graph():
     assert "kernel=" not in graph_text(auto.graph_module)  # auto leaves the graph as it reads
     forced = optcc.compile(model, [(PASS, {"cpu_kernel": "fp32"})], example_inputs=(x,), target="eager")
     assert forced.report[PASS].stats["cpu_kernel"] == "fp32"
-    assert "kernel='fp32'" in graph_text(forced.graph_module) or "kernel=fp32" in graph_text(forced.graph_module)
+    assert "cpu_kernel='fp32'" in graph_text(forced.graph_module) or "cpu_kernel=fp32" in graph_text(forced.graph_module)
     with collect_stats() as seen:
         y = forced(x)
     assert {k for layer in seen.values() for k in layer.kernels} == {"fp32"}
     torch.testing.assert_close(y, auto(x), rtol=1e-5, atol=1e-5 * y.abs().max().item())
+
+
+def test_inductor_target_runs_the_int8_op():
+    # Inductor calls a custom op through FallbackKernel.create(kernel, *args, **kwargs): an
+    # op argument named "kernel" collided with it; the op's argument is cpu_kernel.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+    x = torch.randn(4, 64)
+    spec = [("int8_decomposition", {"cpu_kernel": "fp32"})]
+    eager = optcc.compile(model, spec, example_inputs=(x,), target="eager")
+    inductor = optcc.compile(model, spec, example_inputs=(x,), target="inductor")
+    with torch.no_grad():
+        assert torch.allclose(inductor(x), eager(x), rtol=1e-5, atol=1e-6)
+    assert inductor.report["int8_decomposition"].matches == 2
