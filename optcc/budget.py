@@ -23,10 +23,13 @@ every approximate pass named at once):
    for int8, which removes none).
 5. **Prediction.** A multiple-choice knapsack: one setting (or none) per knob, maximising
    the predicted gain while the summed drops stay under a cap; solved for several caps
-   around ``max_drop``, since drops do not add exactly.
+   around ``max_drop``, since drops do not add exactly. Beside them, the unions of
+   single-pass settings within budget (one per pass) whose drops sum under the largest cap:
+   the interactions inside a pass (token merging in every block) are measured there.
 6. **Verification and repair.** Each predicted combination is measured; while it is over
-   the budget, the choice with the largest drop per unit of gain is reverted (NNCF's
-   greedy repair) and it is measured again.
+   the budget, the group of choices (a pass at a setting) whose removal helps most is found
+   by measuring, and its choices are reverted one at a time, most harmful first (NNCF's
+   greedy repair, in context), until it is within.
 7. **Choice.** The verified combinations and the single-pass settings within the budget are
    timed together against the exact pipeline; the fastest wins; the exact pipeline when
    none is within budget (the report says so). The chosen settings are then measured on the
@@ -632,25 +635,81 @@ class _Search:
             config.setdefault(i, {})[layer] = setting
         return config
 
+    #: a group of at most this many choices is ordered by measuring each one's removal
+    LEAVE_ONE_OUT = 12
+    #: unions of single-pass settings verified, the most promising first
+    COMBINATIONS = 4
+
     def repair(self, config: Config, drops: dict, gains: dict, progress) -> tuple[Config, float]:
+        """Revert choices until ``config``'s measured drop is within budget (NNCF-style greedy).
+
+        Drops measured alone miss interactions (r tokens merged in each of six blocks is
+        harmless alone and ruinous together), so the culprit is found in context: the group
+        of choices (one pass at one setting) whose removal lowers the measured drop most,
+        then, inside it, the choices in the order their removal helps (measured one by one
+        for a small group, else by drop alone per unit of gain, output deviation breaking
+        ties), reverted one at a time until the drop is within budget.
+        """
+        first = self.budget.sensitivity_batches
         measured = self.drop(config)
-        while measured > self.budget.max_drop and any(config.values()):
-            chosen = [(i, layer, s) for i, c in config.items() for layer, s in c.items()]
-            first = self.budget.sensitivity_batches
 
-            def harm(key):  # drop per gain; the output deviation breaks ties (a coarse metric such as top-1)
-                gain = max(gains.get(key, 0.0), 1e-12)
-                return (max(drops[key], 0.0) / gain, self.deviation({key[0]: {key[1]: key[2]}}, first) / gain)
+        def without(config, keys):
+            out = {i: {layer: s for layer, s in c.items() if (i, layer, s) not in keys} for i, c in config.items()}
+            return {i: c for i, c in out.items() if c}
 
-            worst = max(chosen, key=harm)
-            config = {i: {layer: s for layer, s in c.items() if (i, layer, s) != worst} for i, c in config.items()}
-            config = {i: c for i, c in config.items() if c}
-            before = self.evaluations
-            measured = self.drop(config)
-            if self.budget.progress and self.evaluations > before:
-                progress.console.print(f"budget: reverted {self.tunable[worst[0]].name} {worst[1]}: drop {measured:.4f}",
-                                       highlight=False)
+        while measured > self.budget.max_drop and config:
+            groups: dict[tuple, list] = {}
+            for i, c in config.items():
+                for layer, setting in c.items():
+                    groups.setdefault((i, json.dumps(setting)), []).append((i, layer, setting))
+            group = min(groups.values(), key=lambda keys: self.drop(without(config, set(keys)))) \
+                if len(groups) > 1 else next(iter(groups.values()))
+            if len(group) <= self.LEAVE_ONE_OUT:
+                order = sorted(group, key=lambda key: self.drop(without(config, {key})))
+            else:
+                def harm(key):
+                    gain = max(gains.get(key, 0.0), 1e-12)
+                    return (-max(drops[key], 0.0) / gain, -self.deviation({key[0]: {key[1]: key[2]}}, first) / gain)
+
+                order = sorted(group, key=harm)
+            for key in order:
+                config = without(config, {key})
+                before = self.evaluations
+                measured = self.drop(config)
+                if self.budget.progress and self.evaluations > before:
+                    progress.console.print(f"budget: reverted {self.tunable[key[0]].name} {key[1]}: drop "
+                                           f"{measured:.4f}", highlight=False)
+                if measured <= self.budget.max_drop:
+                    break
         return config, measured
+
+    def pass_combinations(self, singles: list[Config], single_drops: list[float], gains: dict) -> list[Config]:
+        """Unions of single-pass settings (at most one per pass) whose drops sum within the
+        largest cap, by predicted gain: interactions inside a pass are already measured."""
+        options: dict[int, list[tuple[Config, float, float]]] = {}
+        for config, d in zip(singles, single_drops):
+            ((i, choices),) = config.items()
+            gain = sum(gains.get((i, layer, s), 0.0) for layer, s in choices.items())
+            if d <= self.budget.max_drop and gain > 0:
+                options.setdefault(i, []).append((config, d, gain))
+        combos: list[tuple[float, Config]] = []
+        cap = self.budget.max_drop * max(self.budget.caps, default=1.0)
+
+        def extend(passes, chosen, drop, gain):
+            if not passes:
+                if sum(1 for c in chosen if c) > 1 and drop <= cap:
+                    merged = {}
+                    for c in chosen:
+                        merged.update(c)
+                    combos.append((gain, merged))
+                return
+            i, rest = passes[0], passes[1:]
+            extend(rest, chosen + [{}], drop, gain)
+            for config, d, g in options[i]:
+                extend(rest, chosen + [config], drop + max(d, 0.0), gain + g)
+
+        extend(sorted(options), [], 0.0, 0.0)
+        return [c for _, c in sorted(combos, key=lambda gc: -gc[0])[:self.COMBINATIONS]]
 
 
 def tune(model, args: tuple, kwargs: dict, passes: Sequence[Pass], budget: Budget, target: str) -> BudgetResult:
@@ -675,10 +734,11 @@ def tune(model, args: tuple, kwargs: dict, passes: Sequence[Pass], budget: Budge
             points.append(Point(_describe(search.tunable, c), "single-pass", d, s, config=c))
         gains = search.gains(singles, single_speeds)
         candidates: list[Config] = []
-        task = progress.add_task("budget: verifying combinations", total=len(budget.caps))
-        for factor in budget.caps:
-            predicted = search.knapsack(drops, gains, budget.max_drop * factor)
-            config, _ = search.repair(predicted, drops, gains, progress)
+        predicted = [search.knapsack(drops, gains, budget.max_drop * factor) for factor in budget.caps]
+        predicted += search.pass_combinations(singles, single_drops, gains)
+        task = progress.add_task("budget: verifying combinations", total=len(predicted))
+        for config in predicted:
+            config, _ = search.repair(config, drops, gains, progress)
             if config and config_key(config) not in {config_key(c) for c in candidates + singles}:
                 candidates.append(config)
             progress.advance(task)
