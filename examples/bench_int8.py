@@ -14,7 +14,7 @@ Linears (``[M, K] x [K, N]``, two planted outlier columns of magnitude 20):
   already-quantized rows, for every kernel that is exact on this CPU (the probe decides;
   the others are listed with the reason).
 
-    .venv/bin/python examples/bench_int8.py [--runs 9] [--seconds 0.3] [--threads N]
+    .venv/bin/python examples/bench_int8.py [--runs 9] [--seconds 0.3] [--threads N] [--skip onednn]
 """
 
 from __future__ import annotations
@@ -50,8 +50,10 @@ def ratios(fns: dict, runs: int, seconds: float) -> tuple[dict, dict]:
 
 
 @torch.no_grad()
-def linears(runs: int, seconds: float) -> None:
-    kernels = [name for name in int8_cpu.KERNELS if int8_cpu.probe(name) is None and name != "fp32"]
+def linears(runs: int, seconds: float, skip: set[str]) -> None:
+    kernels = [name for name in int8_cpu.KERNELS if int8_cpu.probe(name) is None and name != "fp32" and name not in skip]
+    if skip:
+        print(f"left out: {', '.join(sorted(skip))} (--skip)")
     for name in int8_cpu.KERNELS:
         if int8_cpu.probe(name) is not None:
             print(f"GEMM {name}: {int8_cpu.probe(name)}")
@@ -106,11 +108,13 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--seconds", type=float, default=0.3, help="length of one timed run")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 resists a busy machine)")
+    parser.add_argument("--skip", default="", help="GEMM kernels to leave out, comma-separated (oneDNN's takes "
+                                                   "seconds a call on VNNI CPUs without AMX)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     print(f"CPU: {cpu_summary()}\n")
-    linears(args.runs, args.seconds)
+    linears(args.runs, args.seconds, {k for k in args.skip.split(",") if k})
     minilm(args.runs, args.seconds)

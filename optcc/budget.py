@@ -87,7 +87,7 @@ class Budget:
     probe's accuracy). ``objective``: ``latency`` (timed here, on the compile
     target) or ``flops`` (counted). ``cache``: a directory, True for the default
     (``$OPTCC_CACHE_DIR/budget`` or ``~/.cache/optcc/budget``), False for none. ``out``: a
-    directory the Pareto table (``budget.md``) and plot (``budget.svg``) are written to.
+    directory the Pareto table (``budget.md``) and plot (``budget.svg``, ``budget.png``) are written to.
     ``sensitivity_batches``: measure each layer alone on the first n batches only (the
     combinations are always verified on all of them), for models where one pass over
     ``data`` is slow.
@@ -763,5 +763,5 @@ def tune(model, args: tuple, kwargs: dict, passes: Sequence[Pass], budget: Budge
         out = Path(budget.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "budget.md").write_text(result.markdown())
-        result.files = [str(out / "budget.md"), result.plot(out / "budget.svg")]
+        result.files = [str(out / "budget.md"), result.plot(out / "budget.svg"), result.plot(out / "budget.png")]
     return result
