@@ -38,7 +38,7 @@ from . import ir
 from .budget import BudgetError
 from .compiler import TargetError, default_passes
 from .compiler import compile as optcc_compile
-from .dump import dot_available, graph_dot, graph_text, triton_text, write_dumps
+from .dump import graph_dot, graph_text, triton_text, write_dumps
 from .models import SPEC_HELP, ModelSpecError, load_model
 from .onnx_io import OnnxError
 from .pass_base import OptionError, Pass, PassError, UnknownPassError, list_passes, make_pass
@@ -157,11 +157,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
         return 0
 
     print(report.render(), file=sys.stderr)
-    written = write_dumps(stages, args.format, Path(args.out), report.render())
-    if args.format == "svg" and not dot_available():
-        print("optcc: Graphviz 'dot' is not installed: wrote .dot files instead of .svg", file=sys.stderr)
-    if args.format == "html" and not dot_available():
-        print("optcc: Graphviz 'dot' is not installed: the page shows graph text without drawings", file=sys.stderr)
+    # the page is a report of every pass, so it always has every stage
+    written = write_dumps(report.dumps if args.format == "html" else stages, args.format, Path(args.out), report)
     for path in written:
         print(path)
     return 0

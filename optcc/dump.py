@@ -15,7 +15,6 @@ or as a cluster of its ops (dot/svg).
 
 from __future__ import annotations
 
-import html
 import shutil
 import subprocess
 from pathlib import Path
@@ -186,24 +185,20 @@ def render_svg(dot_source: str) -> str:
 # Writing a pipeline's dumps
 
 
-def write_dumps(stages: list[tuple[str, fx.GraphModule]], fmt: str, out_dir: Path, report_text: str = "") -> list[Path]:
-    """Write one file per stage (``00_captured.txt``, ``01_bn_reparam.txt``...) or one HTML page.
+def write_dumps(stages: list[tuple[str, fx.GraphModule]], fmt: str, out_dir: Path, report: Any = None,
+                kernels: list[tuple[str, str]] = ()) -> list[Path]:
+    """Write one file per stage (``00_captured.txt``, ``01_bn_reparam.txt``...) or one HTML page
+    (``dump.html``, :mod:`optcc.dump_html`; ``report`` is the run's :class:`~optcc.report.Report`).
 
-    ``fmt="svg"`` falls back to ``.dot`` files when Graphviz's ``dot`` is not installed.
+    ``fmt="svg"`` is drawn by :mod:`optcc.dump_layout`, so it needs no Graphviz.
     """
+    from .dump_html import write_html
+    from .dump_layout import draw_svg
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
     if fmt == "html":
-        svg = dot_available()
-        parts = [f"<h1>optcc dump</h1><pre>{html.escape(report_text)}</pre>"]
-        for i, (name, gm) in enumerate(stages):
-            parts.append(f"<h2>{i:02d} after {html.escape(name)}</h2>")
-            if svg:
-                parts.append(render_svg(graph_dot(gm, name)))
-            parts.append(f"<pre>{html.escape(graph_text(gm))}</pre>")
-        path = out_dir / "dump.html"
-        path.write_text("<!doctype html><meta charset='utf-8'><title>optcc dump</title>\n" + "\n".join(parts))
-        return [path]
+        return [write_html(stages, out_dir / "dump.html", report, kernels)]
+    written: list[Path] = []
     for i, (name, gm) in enumerate(stages):
         stem = out_dir / f"{i:02d}_{name}"
         if fmt == "text":
@@ -212,12 +207,12 @@ def write_dumps(stages: list[tuple[str, fx.GraphModule]], fmt: str, out_dir: Pat
         elif fmt == "triton":
             path = stem.with_suffix(".py")
             path.write_text(triton_text(gm))
-        elif fmt == "dot" or (fmt == "svg" and not dot_available()):
+        elif fmt == "dot":
             path = stem.with_suffix(".dot")
             path.write_text(graph_dot(gm, name))
         elif fmt == "svg":
             path = stem.with_suffix(".svg")
-            path.write_text(render_svg(graph_dot(gm, name)))
+            path.write_text(draw_svg(gm, name))
         else:
             raise ValueError(f"unknown dump format '{fmt}'; choose text, dot, svg, html or triton")
         written.append(path)
