@@ -9,7 +9,7 @@ fast at a few thousand boxes in Python:
    residual skips bend around the boxes instead of cutting through them;
 3. the order inside each rank comes from a few up/down barycentre sweeps (fewer
    crossings);
-4. x is pulled towards the mean of each box's neighbours, alternately from above and
+4. x is pulled towards the leftmost of each box's neighbours, alternately from above and
    below, while boxes on a rank keep their order and a gap.
 
 Constants (``get_attr``) are left out of drawings, as in ``graph_dot``: a conv's weight
@@ -254,8 +254,9 @@ def layout(pic: Picture) -> Layout:
         order = layers[1:] if sweep % 2 == 0 else layers[-2::-1]
         neighbours = up if sweep % 2 == 0 else down
         for layer in order:
-            want = [sum(centre[n] for n in neighbours[v]) / len(neighbours[v]) if neighbours[v] else centre[v]
-                    for v in layer]
+            # aligned to the leftmost neighbour, not the mean: a mean drifts a long chain
+            # sideways at every branch that rejoins it
+            want = [min(centre[n] for n in neighbours[v]) if neighbours[v] else centre[v] for v in layer]
             _place(layer, want, widths, centre)
 
     left = min((centre[v] - widths[v] / 2 for v in widths), default=0.0)
