@@ -31,6 +31,7 @@ A dynamo graph that cannot be captured runs unoptimized, with a warning (as
 from __future__ import annotations
 
 import operator
+import os
 import warnings
 import weakref
 from typing import Any, Callable, Sequence
@@ -45,7 +46,7 @@ from .guard import RunningStatistics, TensorWatch
 from .pass_base import make_pass
 from .report import Report
 
-_OPTION_NAMES = {"passes", "target", "verify", "tolerance", "fail_fast", "guard", "budget"}
+_OPTION_NAMES = {"passes", "target", "verify", "tolerance", "fail_fast", "guard", "budget", "dump"}
 
 # What dynamo got back from this backend, while dynamo still holds it. Dynamo hides the
 # callable a backend returns inside its code cache; this is how a user (or a test) can
@@ -196,11 +197,18 @@ def optcc_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: di
     target = options.get("target", "eager")
     if target == "auto":
         raise TargetError("inside torch.compile choose target='eager', 'inductor' or 'triton' explicitly")
-    pipeline = Pipeline(
+    # dump: a folder that gets the report page of every specialisation (OPTCC_DUMP too)
+    dump = options.get("dump") or os.environ.get("OPTCC_DUMP")
+    extra = {"dump_dir": str(dump)} if dump else {}
+    pipeline_class = Pipeline
+    if dump:
+        from .dump_html import DumpingPipeline as pipeline_class
+    pipeline = pipeline_class(
         default_passes() if passes is None else [make_pass(p) for p in passes],
         resolve_target(target),
         verify=bool(options.get("verify", False)),
         tolerance=options.get("tolerance"),
         fail_fast=bool(options.get("fail_fast", False)),
+        **extra,
     )
     return _CompiledDynamoGraph(gm, pipeline, guard=options.get("guard", True), budget=options.get("budget"))

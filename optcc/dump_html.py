@@ -339,3 +339,38 @@ _JS = r"""
   document.body.dataset.ready = 'yes';
 })();
 """
+
+
+# ----------------------------------------------------------------------------------------
+# torch.compile: a page per specialisation
+
+from dataclasses import dataclass  # noqa: E402
+
+from .compiler import Pipeline  # noqa: E402
+
+
+@dataclass
+class DumpingPipeline(Pipeline):
+    """A pipeline that writes the report page of every specialisation it builds into
+    ``dump_dir`` (``spec_000.html``, ``spec_001.html``...): the backend's ``dump`` option
+    and ``OPTCC_DUMP``."""
+
+    dump_dir: str = ""
+    written: int = 0
+
+    def __post_init__(self) -> None:
+        self.dump_after_each = True
+
+    def build(self, capture, flat_inputs):
+        spec = super().build(capture, flat_inputs)
+        if spec.graph_module is not None:
+            kernels = []
+            if self.target == "triton":
+                from optcc.lowering import with_regions
+                from optcc.lowering.runtime import region_sources
+
+                kernels = region_sources(with_regions(spec.graph_module))
+            write_html(spec.report.dumps, Path(self.dump_dir) / f"spec_{self.written:03d}.html", spec.report, kernels,
+                       title=f"optcc specialisation {self.written}")
+            self.written += 1
+        return spec

@@ -87,3 +87,16 @@ def test_two_thousand_nodes_lay_out_fast_and_bounded():
         boxes.sort()
         assert all(a + wa <= b for (a, wa), (b, _) in zip(boxes, boxes[1:]))
     assert lay.height == max(y for _, y, _ in lay.pos.values()) + BOX_H + 20
+
+
+def test_torch_compile_dump_option_writes_a_page_per_specialisation(tmp_path):
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
+    compiled = torch.compile(model, backend="optcc", options={"passes": ["bn_reparam"], "dump": str(tmp_path)})
+    with torch.no_grad():
+        compiled(torch.randn(1, 3, 8, 8))
+    pages = sorted(p.name for p in tmp_path.iterdir())
+    assert pages == ["spec_000.html"]
+    page = (tmp_path / pages[0]).read_text()
+    assert '<template id="graph-1-full">' in page and "bn_reparam" in page
+    torch._dynamo.reset()
