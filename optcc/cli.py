@@ -38,7 +38,7 @@ from . import ir
 from .budget import BudgetError
 from .compiler import TargetError, default_passes
 from .compiler import compile as optcc_compile
-from .dump import graph_dot, graph_text, triton_text, write_dumps
+from .dump import graph_dot, log_passes, graph_text, triton_text, write_dumps
 from .models import SPEC_HELP, ModelSpecError, load_model
 from .onnx_io import OnnxError
 from .pass_base import OptionError, Pass, PassError, UnknownPassError, list_passes, make_pass
@@ -143,6 +143,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
     flat = ir.flat_inputs(gm, inputs)
     manager = PassManager(passes, verify=True, example_inputs=flat, dump_after_each=True)
     gm, report = manager.run(gm)
+    log_passes(report)
     stages = report.dumps if args.after_each else [("final", gm)]
     if args.explain:
         print(report.explain(), file=sys.stderr)

@@ -15,6 +15,8 @@ or as a cluster of its ops (dot/svg).
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,6 +27,36 @@ import torch.fx as fx
 
 from .ir import op_name
 from .regions import REGION_KEY, is_region, region_module
+
+log = logging.getLogger("optcc")
+pass_log = logging.getLogger("optcc.passes")
+
+
+def configure_logs(spec: str | None = None) -> None:
+    """Switch on optcc's log output the way TORCH_LOGS switches on Inductor's:
+    ``OPTCC_LOGS=passes`` (one line a pass) or ``OPTCC_LOGS=all`` (every optcc logger)."""
+    names = {n.strip() for n in (spec if spec is not None else os.environ.get("OPTCC_LOGS", "")).split(",") if n.strip()}
+    unknown = names - {"passes", "all"}
+    if unknown:
+        raise ValueError(f"OPTCC_LOGS: unknown log(s) {sorted(unknown)}; known: all, passes")
+    if names:
+        logger = log if "all" in names else pass_log
+        logger.setLevel(logging.INFO)
+        if not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+            logger.addHandler(handler)
+
+
+def log_passes(report: Any) -> None:
+    """One ``optcc.passes`` line a pass of ``report``: name, status, matches, time, error."""
+    for r in report.records:
+        err = "-" if r.error is None else f"{r.error:.2e}"
+        pass_log.info("%s: %s, %d matches, %d -> %d nodes, %.1f ms, rel. error %s", r.name, r.status,
+                      r.matches, r.nodes_before, r.nodes_after, r.seconds * 1e3, err)
+
+
+configure_logs()
 
 _DTYPES = {
     torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",

@@ -100,3 +100,17 @@ def test_torch_compile_dump_option_writes_a_page_per_specialisation(tmp_path):
     page = (tmp_path / pages[0]).read_text()
     assert '<template id="graph-1-full">' in page and "bn_reparam" in page
     torch._dynamo.reset()
+
+
+def test_pass_log_names_each_pass_with_matches_time_and_error(caplog):
+    import pytest
+
+    from optcc.dump import configure_logs, log_passes
+
+    _, report = _run(("bn_reparam",))
+    with caplog.at_level("INFO", logger="optcc.passes"):
+        log_passes(report)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "optcc.passes"]
+    assert re.fullmatch(r"bn_reparam: applied, 10 matches, 99 -> 49 nodes, [\d.]+ ms, rel. error [\d.e+-]+", line)
+    with pytest.raises(ValueError, match="unknown log"):
+        configure_logs("pases")
