@@ -27,6 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import networkx as nx
 import torch.fx as fx
 
 from .ir import op_name
@@ -207,12 +208,17 @@ def box_width(label: str, sub: str) -> float:
 
 def layout(pic: Picture) -> Layout:
     widths = {b.ident: box_width(b.label, b.sub) for b in pic.boxes}
-    preds: dict[str, list[str]] = {b.ident: [] for b in pic.boxes}
-    for a, b in pic.edges:
-        preds[b].append(a)
+    order = {b.ident: i for i, b in enumerate(pic.boxes)}
+    dag = nx.DiGraph()
+    dag.add_nodes_from(order)
+    dag.add_edges_from(pic.edges)
+    if not nx.is_directed_acyclic_graph(dag):
+        # a collapsed block can both feed and read a box outside it: draw that edge, but
+        # rank as if only the edges that follow the graph's order existed
+        dag.remove_edges_from([(a, b) for a, b in pic.edges if order[a] >= order[b]])
     rank: dict[str, int] = {}
-    for b in pic.boxes:  # boxes come in topological order
-        rank[b.ident] = max((rank[p] + 1 for p in preds[b.ident]), default=0)
+    for v in nx.lexicographical_topological_sort(dag, key=order.get):
+        rank[v] = max((rank[p] + 1 for p in dag.predecessors(v)), default=0)
 
     # dummy points on long edges; chains[(a, b)] lists the points an edge passes
     up: dict[str, list[str]] = {i: [] for i in widths}
