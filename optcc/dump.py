@@ -150,46 +150,24 @@ def _dot_node(ident: str, node: fx.Node, indent: str) -> str:
 def graph_dot(gm: fx.GraphModule, title: str = "graph") -> str:
     """Graphviz source; constants are folded into their users' labels to keep it readable,
     and each fused region is drawn as a cluster of its reference ops."""
+    from .dump_layout import drawn_nodes
+
     lines = [f'digraph "{title}" {{', "  rankdir=TB;", '  node [shape=box, style="rounded,filled", fontname="monospace", fontsize=10];']
-    producer: dict[fx.Node, str] = {}  # which dot node carries a graph value
-
-    def edges(node: fx.Node, ident: str, sources: dict, indent: str) -> None:
-        for arg in node.all_input_nodes:
-            if sources.get(arg):
-                lines.append(f'{indent}"{sources[arg]}" -> "{ident}";')
-
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" or node in producer:
-            continue
-        if not is_region(node):
-            lines.append(_dot_node(node.name, node, "  "))
-            edges(node, node.name, producer, "  ")
-            producer[node] = node.name
-            continue
-        sub = region_module(gm, node)
-        lines.append(f'  subgraph "cluster_{node.name}" {{')
-        lines.append(f'    label="{node.name}: {node.meta[REGION_KEY]}"; style="rounded,filled"; fillcolor="#e6f2e6"; color="#4d8f4d";')
-        inner: dict[fx.Node, str | None] = {}
-        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
-        for placeholder, arg in zip(placeholders, node.args):
-            inner[placeholder] = producer.get(arg)
-        results = None
-        for sub_node in sub.graph.nodes:
-            if sub_node.op == "placeholder":
-                continue
-            if sub_node.op == "output":
-                results = sub_node.args[0]
-                continue
-            ident = f"{node.name}/{sub_node.name}"
-            lines.append(_dot_node(ident, sub_node, "    "))
-            edges(sub_node, ident, inner, "    ")
-            inner[sub_node] = ident
+    region_of = {n.name: n for n in gm.graph.nodes if is_region(n)}
+    open_region = None
+    for d in drawn_nodes(gm):  # a region's ops come one after another
+        if d.region != open_region:
+            if open_region:
+                lines.append("  }")
+            if d.region:
+                lines.append(f'  subgraph "cluster_{d.region}" {{')
+                lines.append(f'    label="{d.region}: {region_of[d.region].meta[REGION_KEY]}"; style="rounded,filled"; fillcolor="#e6f2e6"; color="#4d8f4d";')
+            open_region = d.region
+        indent = "    " if d.region else "  "
+        lines.append(_dot_node(d.ident, d.node, indent))
+        lines += [f'{indent}"{source}" -> "{d.ident}";' for source in d.inputs]
+    if open_region:
         lines.append("  }")
-        if isinstance(results, (tuple, list)):
-            for user in node.users:  # getitem(region, i) carries result i
-                producer[user] = inner[results[user.args[1]]]
-        else:
-            producer[node] = inner[results]
     lines.append("}")
     return "\n".join(lines) + "\n"
 
