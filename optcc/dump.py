@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -180,15 +178,6 @@ def triton_text(gm: fx.GraphModule) -> str:
 
     parts = [f"# ---- {name}\n{source}" for name, source in region_sources(with_regions(gm))]
     return "\n".join(parts) if parts else "# no fused regions: nothing in this graph fuses into a kernel\n"
-
-
-def dot_available() -> bool:
-    return shutil.which("dot") is not None
-
-
-def render_svg(dot_source: str) -> str:
-    result = subprocess.run(["dot", "-Tsvg"], input=dot_source, capture_output=True, text=True, check=True)
-    return result.stdout
 
 
 # ----------------------------------------------------------------------------------------

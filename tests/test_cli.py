@@ -91,13 +91,14 @@ def test_dump_dot_and_html_write_files(capsys, tmp_path, fmt, files, marker):
     assert marker in (tmp_path / files[0]).read_text()
 
 
-def test_dump_svg_without_graphviz_writes_dot_and_says_so(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(optcc.dump, "dot_available", lambda: False)
-    monkeypatch.setattr(optcc.cli, "dot_available", lambda: False)
-    status, _, err = run(capsys, "dump", "demo", "--passes", "none", "--format", "svg", "--out", str(tmp_path))
-    assert status == 0
-    assert [p.name for p in tmp_path.iterdir()] == ["00_final.dot"]
-    assert "wrote .dot files instead" in err
+def test_dump_svg_is_drawn_without_graphviz(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-binaries"))  # no `dot` to be found
+    status, _, err = run(capsys, "dump", "demo", "--passes", "none", "--format", "svg", "--out", str(tmp_path / "d"))
+    assert status == 0, err
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["00_final.svg"]
+    svg = (tmp_path / "d" / "00_final.svg").read_text()
+    assert svg.lstrip().startswith("<svg") and svg.count("<rect") > 10  # a box per op of the demo model
+    assert "Graphviz" not in err
 
 
 def test_dump_no_passes_keeps_batchnorm(capsys):
