@@ -9,7 +9,7 @@ error classes users catch are exported here (``optcc.InputMismatchError``,
 ``optcc.OnnxError``, ``optcc.BudgetError``).
 """
 
-from .budget import Budget, BudgetError, BudgetResult
+from .budget import Budget, BudgetError, BudgetResult, BudgetWarning
 from .compiler import InputMismatchError, OptimizedModule, Pipeline, TargetError, compile, default_passes
 from .dump import graph_dot, graph_text
 from .ir import CaptureError, capture, op_counts
@@ -30,7 +30,7 @@ from .report import PassRecord, Report
 __version__ = "0.1.0"
 
 __all__ = [
-    "Budget", "BudgetError", "BudgetResult", "CaptureError", "InputMismatchError", "OnnxError", "OptimizedModule", "OptionError", "Pass", "PassError", "PassManager",
+    "Budget", "BudgetError", "BudgetResult", "BudgetWarning", "CaptureError", "InputMismatchError", "OnnxError", "OptimizedModule", "OptionError", "Pass", "PassError", "PassManager",
     "PassOrderError", "PassRecord", "PassResult", "Pipeline", "Report", "TargetError",
     "UnknownPassError", "capture", "compile", "default_passes", "get_pass", "graph_dot",
     "graph_text", "list_passes", "op_counts", "register_pass",

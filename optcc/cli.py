@@ -38,7 +38,7 @@ from . import ir
 from .budget import BudgetError
 from .compiler import TargetError, default_passes
 from .compiler import compile as optcc_compile
-from .dump import graph_dot, log_passes, graph_text, triton_text, write_dumps
+from .dump import graph_dot, graph_text, triton_text, write_dumps
 from .models import SPEC_HELP, ModelSpecError, load_model
 from .onnx_io import OnnxError
 from .pass_base import OptionError, Pass, PassError, UnknownPassError, list_passes, make_pass
@@ -143,7 +143,6 @@ def cmd_dump(args: argparse.Namespace) -> int:
     flat = ir.flat_inputs(gm, inputs)
     manager = PassManager(passes, verify=True, example_inputs=flat, dump_after_each=True)
     gm, report = manager.run(gm)
-    log_passes(report)
     stages = report.dumps if args.after_each else [("final", gm)]
     if args.explain:
         print(report.explain(), file=sys.stderr)
@@ -260,7 +259,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     model, inputs = load_model(args.model, batch=args.batch)
     data, heldout = _budget_batches(args, inputs)
     budget = Budget(metric, max_drop=max_drop, data=data, heldout=heldout, objective=args.objective,
-                    cache=not args.no_cache, out=args.out)
+                    cache=not args.no_cache, out=args.out, margin=args.margin)
     with torch.no_grad():
         compiled = optcc_compile(model, passes, example_inputs=data[0], target=args.target, budget=budget)
     print(compiled.report.render())
@@ -370,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "or eager")
     p.add_argument("--batch", type=int, help="batch size for demo and timm: models")
     p.add_argument("--out", metavar="DIR", help="write the Pareto table (budget.md) and plot (budget.svg) to DIR")
+    p.add_argument("--margin", type=float, default=0.0,
+                   help="fraction of MAX_DROP held back on the calibration data (default 0)")
     p.add_argument("--no-cache", action="store_true", help="measure everything again (default: reuse the cache)")
     p.set_defaults(func=cmd_tune)
 

@@ -27,7 +27,6 @@ from .ir import op_name
 from .regions import REGION_KEY, is_region, region_module
 
 log = logging.getLogger("optcc")
-pass_log = logging.getLogger("optcc.passes")
 
 
 def configure_logs(spec: str | None = None) -> None:
@@ -38,20 +37,12 @@ def configure_logs(spec: str | None = None) -> None:
     if unknown:
         raise ValueError(f"OPTCC_LOGS: unknown log(s) {sorted(unknown)}; known: all, passes")
     if names:
-        logger = log if "all" in names else pass_log
+        logger = log if "all" in names else logging.getLogger("optcc.passes")
         logger.setLevel(logging.INFO)
         if not logger.handlers:
             handler = logging.StreamHandler()
             handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
             logger.addHandler(handler)
-
-
-def log_passes(report: Any) -> None:
-    """One ``optcc.passes`` line a pass of ``report``: name, status, matches, time, error."""
-    for r in report.records:
-        err = "-" if r.error is None else f"{r.error:.2e}"
-        pass_log.info("%s: %s, %d matches, %d -> %d nodes, %.1f ms, rel. error %s", r.name, r.status,
-                      r.matches, r.nodes_before, r.nodes_after, r.seconds * 1e3, err)
 
 
 configure_logs()

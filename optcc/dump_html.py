@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import torch.fx as fx
 
-from .dump import graph_text, log_passes, node_text
+from .dump import graph_text, node_text
 from .dump_layout import SVG_STYLE, drawn_nodes, layout, picture, svg
 from .report import PassRecord, Report
 from .rewrite import source_line
@@ -363,7 +363,6 @@ class DumpingPipeline(Pipeline):
 
     def build(self, capture, flat_inputs):
         spec = super().build(capture, flat_inputs)
-        log_passes(spec.report)
         if spec.graph_module is not None:
             kernels = []
             if self.target == "triton":

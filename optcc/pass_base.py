@@ -11,6 +11,9 @@ A pass is a class with
 * ``run_after`` / ``run_before``: names of passes that must come earlier / later when
   both are selected (ordering constraints, as in torch.fx's pass manager), so a new pass
   states where it belongs without editing the passes around it;
+* ``requires``: names of exact passes whose output form this pass matches; when one is not
+  selected, the pass manager adds it just before the first pass that requires it and says so
+  in the report (``attention_to_linear`` needs ``canonicalize_attention``);
 * ``in_default_pipeline``: False for an exact pass that runs only when named;
 * ``run(gm) -> PassResult``: rewrites the canonical graph in place and says what changed;
 * for approximate passes that an accuracy budget may tune (:mod:`optcc.budget`):
@@ -92,6 +95,7 @@ class Pass:
     Options: ClassVar[type] = NoOptions
     run_after: ClassVar[tuple[str, ...]] = ()
     run_before: ClassVar[tuple[str, ...]] = ()
+    requires: ClassVar[tuple[str, ...]] = ()
     in_default_pipeline: ClassVar[bool] = True
 
     def __init__(self, **options: Any):

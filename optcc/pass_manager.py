@@ -20,6 +20,7 @@ place (they register new ones), so a snapshot copies the graph and shares the te
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from typing import Any, Sequence
@@ -80,6 +81,38 @@ def order_constraints(passes: Sequence[Pass | type[Pass]]) -> list[tuple[str, st
     return pairs
 
 
+pass_log = logging.getLogger("optcc.passes")  # OPTCC_LOGS=passes (optcc.dump.configure_logs)
+
+
+def log_record(r: PassRecord) -> None:
+    """One ``optcc.passes`` line for a pass that ran: name, status, matches, time, error."""
+    err = "-" if r.error is None else f"{r.error:.2e}"
+    pass_log.info("%s: %s, %d matches, %d -> %d nodes, %.1f ms, rel. error %s", r.name, r.status, r.matches,
+                  r.nodes_before, r.nodes_after, r.seconds * 1e3, err)
+
+
+def with_requirements(passes: Sequence[Pass]) -> tuple[list[Pass], list[str]]:
+    """``passes`` with every pass a member ``requires`` that nobody selected inserted just
+    before the first pass that requires it (its own requirements before it), and one line
+    per insertion for the report."""
+    result: list[Pass] = []
+    notes: list[str] = []
+    selected = {p.name for p in passes}
+
+    def add(p: Pass) -> None:
+        for name in p.requires:
+            if name not in selected:
+                selected.add(name)
+                required = make_pass(name)
+                add(required)
+                notes.append(f"pass '{name}' added before '{p.name}', which requires it")
+        result.append(p)
+
+    for p in passes:
+        add(p)
+    return result, notes
+
+
 def check_order(passes: Sequence[Pass]) -> None:
     position = {p.name: i for i, p in enumerate(passes)}
     for earlier, later, declared_by in order_constraints(passes):
@@ -98,8 +131,13 @@ class PassManager:
         tolerance: float | None = None,
         fail_fast: bool = False,
         dump_after_each: bool = False,
+        add_required: bool = True,
     ):
         self.passes = [make_pass(p) for p in passes]
+        # (off for a graph the required passes already ran on)
+        self.notes: list[str] = []
+        if add_required:
+            self.passes, self.notes = with_requirements(self.passes)
         check_order(self.passes)
         self.verify = verify
         self.example_inputs = list(example_inputs) if example_inputs is not None else None
@@ -121,6 +159,7 @@ class PassManager:
 
     def run(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, Report]:
         report = Report(initial_ops=ir.op_counts(gm), initial_nodes=len(gm.graph.nodes))
+        report.notes += self.notes
         if self.dump_after_each:
             report.dumps.append(("captured", snapshot(gm)))
         reference = None
@@ -152,6 +191,7 @@ class PassManager:
                 gm = before
                 record.finish(gm)
                 report.records.append(record)
+                log_record(record)
                 continue
             record.seconds = time.perf_counter() - start
             record.changed = result.changed
@@ -174,6 +214,7 @@ class PassManager:
                     reference = outputs
             record.finish(gm)
             report.records.append(record)
+            log_record(record)
             if self.dump_after_each:
                 report.dumps.append((p.name, snapshot(gm)))
         report.final_ops = ir.op_counts(gm)

@@ -143,6 +143,7 @@ class AttentionToLinear(Pass):
     name = "attention_to_linear"
     exact = False
     run_after = ("canonicalize_attention", "bn_reparam", "token_pruning")
+    requires = ("canonicalize_attention",)  # it matches the canonical SDPA node alone
     run_before = ("int8_decomposition", "block_fusion")
 
     @dataclass
@@ -213,8 +214,8 @@ class AttentionToLinear(Pass):
         stats["layers"] = rule.layers
         total = len(order)
         if total == 0:
-            stats["message"] = ("left unchanged: the graph has no attention (scaled_dot_product_attention node); "
-                                "list canonicalize_attention first for attention written with matmul and softmax")
+            stats["message"] = ("left unchanged: the graph has no attention (scaled_dot_product_attention node, "
+                                "which canonicalize_attention makes of every softmax attention it recognises)")
         else:
             stats["message"] = (f"{self.options.feature_map}: {stats['matches']} of {total} attention layers "
                                 f"linear" + ("" if stats["matches"] == total else

@@ -116,6 +116,7 @@ class TokenPruning(Pass):
     name = "token_pruning"
     exact = False
     run_after = ("canonicalize_attention", "bn_reparam")
+    requires = ("canonicalize_attention",)  # it matches the canonical SDPA node alone
     run_before = ("int8_decomposition", "block_fusion")
 
     @dataclass
@@ -143,8 +144,8 @@ class TokenPruning(Pass):
         o = self.options
         blocks, missed = tb.find_blocks(gm)
         if not blocks:
-            why = missed or ["the graph has no attention (scaled_dot_product_attention node); attention written "
-                             "with matmul and softmax becomes one in canonicalize_attention, list it first"]
+            why = missed or ["the graph has no attention (scaled_dot_product_attention node, which "
+                             "canonicalize_attention makes of every softmax attention it recognises)"]
             return self._unchanged(gm, why, [n for n in gm.graph.nodes if n.target is tb.SDPA])
         protected = o.protected if o.protected is not None else tb.protected_prefix(blocks[0])
         for _ in range(8):

@@ -131,10 +131,39 @@ def test_callable_metric_scores_against_labels(vit):
     assert result.chosen.drop <= 0.25
 
 
+def test_a_margin_keeps_the_calibration_drop_below_the_budget(vit, tmp_path):
+    model, batches = vit
+    result = optcc.compile(model, PASSES, example_inputs=batches[0], target="eager",
+                           budget=budget(batches, max_drop=0.01, margin=0.5, cache=tmp_path)).report.budget
+    assert result.limit == pytest.approx(0.005) and result.max_drop == 0.01
+    assert result.chosen.drop <= 0.005
+    marked = {p.label: p for p in result.points}
+    within = [line for line in result.markdown().splitlines() if line.endswith("| within |")]
+    assert within and all(marked[line.split(" | ")[0].lstrip("| ")].drop <= 0.005 for line in within)
+    assert "(searched within 0.005 on the calibration data)" in result.markdown()
+
+
+def test_a_choice_over_budget_on_heldout_data_warns(vit):
+    model, batches = vit
+
+    def exact_only_on_heldout(reference, outputs, labels):
+        # calibration: every setting is free; held out: any change costs everything
+        same = all(torch.equal(r, o) for r, o in zip(reference, outputs))
+        return 1.0 if same or labels[0] == "calibration" else 0.0
+
+    b = budget(batches, metric=exact_only_on_heldout, labels=["calibration"] * 2, heldout_labels=["held"] * 2)
+    with pytest.warns(optcc.BudgetWarning, match="held-out drop 1.0000 is over the budget 0.01"):
+        result = optcc.compile(model, ["token_pruning"], example_inputs=batches[0], target="eager",
+                               budget=b).report.budget
+    assert result.met and result.chosen.drop == 0.0 and result.chosen.heldout_drop == 1.0
+    assert result.heldout_exceeded and "Budget(margin=...)" in result.message
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"metric": "accuracy"}, "unknown budget metric 'accuracy'"),
     ({"objective": "energy"}, "unknown budget objective 'energy'"),
     ({"max_drop": -1}, "max_drop must be a number >= 0"),
+    ({"margin": 1.0}, "margin must be a fraction of max_drop"),
     ({"data": []}, "the budget needs calibration data"),
     ({"labels": [1]}, "labels must hold one entry per batch"),
 ])

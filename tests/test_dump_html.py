@@ -102,11 +102,12 @@ def test_torch_compile_dump_option_writes_a_page_per_specialisation(tmp_path):
 def test_pass_log_names_each_pass_with_matches_time_and_error(caplog):
     import pytest
 
-    from optcc.dump import configure_logs, log_passes
+    import optcc
+    from optcc.dump import configure_logs
 
-    _, report = _run(("bn_reparam",))
+    model, inputs = load_model("demo")
     with caplog.at_level("INFO", logger="optcc.passes"):
-        log_passes(report)
+        optcc.compile(model, ["bn_reparam"], example_inputs=inputs, target="eager")
     [line] = [r.getMessage() for r in caplog.records if r.name == "optcc.passes"]
     assert re.fullmatch(r"bn_reparam: applied, 10 matches, 99 -> 49 nodes, [\d.]+ ms, rel. error [\d.e+-]+", line)
     with pytest.raises(ValueError, match="unknown log"):

@@ -232,3 +232,21 @@ def test_compile_with_verify_rolls_back_a_wrong_pass_and_stays_correct():
         assert optcc.pass_manager.output_error([model(x)], [compiled(x)]) <= 1e-5
     with pytest.raises(optcc.PassError):
         optcc.compile(model, [Explode()], example_inputs=(x,), target="eager", fail_fast=True)
+
+
+class MatmulSoftmaxAttention(nn.Module):
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.125, dim=-1) @ v
+
+
+def test_a_required_pass_is_added_once_before_the_pass_that_needs_it():
+    qkv = tuple(torch.randn(2, 4, 16, 8) for _ in range(3))
+    compiled = optcc.compile(MatmulSoftmaxAttention().eval(), ["attention_to_linear"], example_inputs=qkv, target="eager")
+    records = compiled.report.records
+    assert [r.name.split("(")[0] for r in records] == ["canonicalize_attention", "attention_to_linear"]
+    assert records[0].matches == 1 and records[1].matches == 1  # the matmul idiom became SDPA, then linear
+    assert "pass 'canonicalize_attention' added before 'attention_to_linear', which requires it" in str(compiled.report)
+    named = optcc.compile(MatmulSoftmaxAttention().eval(), ["canonicalize_attention", "token_pruning", "attention_to_linear"],
+                          example_inputs=qkv, target="eager")
+    assert [r.name.split("(")[0] for r in named.report.records].count("canonicalize_attention") == 1
+    assert "added before" not in str(named.report)
