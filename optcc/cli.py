@@ -133,6 +133,15 @@ def cmd_passes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kernel_sources(gm) -> list[tuple[str, str]]:
+    """The Triton source the lowering generates for each fused region of the final graph
+    (what ``--format triton`` prints), for the page's last stage."""
+    from optcc.lowering import with_regions
+    from optcc.lowering.runtime import region_sources
+
+    return region_sources(with_regions(gm))
+
+
 def cmd_dump(args: argparse.Namespace) -> int:
     if args.format in ("svg", "html") and args.out is None:
         raise UsageError(f"--format {args.format} writes files: add --out DIR")
@@ -158,7 +167,9 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
     print(report.render(), file=sys.stderr)
     # the page is a report of every pass, so it always has every stage
-    written = write_dumps(report.dumps if args.format == "html" else stages, args.format, Path(args.out), report)
+    kernels = _kernel_sources(gm) if args.format == "html" else []
+    written = write_dumps(report.dumps if args.format == "html" else stages, args.format, Path(args.out), report,
+                          kernels)
     for path in written:
         print(path)
     return 0
