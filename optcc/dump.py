@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +204,17 @@ def write_dumps(stages: list[tuple[str, fx.GraphModule]], fmt: str, out_dir: Pat
         elif fmt == "svg":
             path = stem.with_suffix(".svg")
             path.write_text(draw_svg(gm, name))
+        elif fmt == "onnx":  # one model per stage, to open side by side in Netron
+            from .onnx_io import OnnxError, export_onnx
+
+            path = stem.with_suffix(".onnx")
+            try:
+                export_onnx(gm, path)
+            except OnnxError as exc:
+                warnings.warn(f"optcc dump: stage {i:02d} ({name}) has no ONNX form and was not written: {exc}",
+                              stacklevel=2)
+                continue
         else:
-            raise ValueError(f"unknown dump format '{fmt}'; choose text, dot, svg, html or triton")
+            raise ValueError(f"unknown dump format '{fmt}'; choose text, dot, svg, html, onnx or triton")
         written.append(path)
     return written

@@ -82,12 +82,19 @@ def test_dump_after_each_to_stdout_has_a_header_per_stage(capsys):
 @pytest.mark.parametrize("fmt, files, marker", [
     ("dot", ["00_captured.dot", "01_bn_reparam.dot"], "digraph"),
     ("html", ["dump.html"], "<!doctype html>"),
+    ("onnx", ["00_captured.onnx", "01_bn_reparam.onnx"], None),
 ])
 def test_dump_dot_and_html_write_files(capsys, tmp_path, fmt, files, marker):
     status, _, _ = run(capsys, "dump", "demo", "--passes", "bn_reparam", "--after-each",
                        "--format", fmt, "--out", str(tmp_path))
     assert status == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == files
+    if fmt == "onnx":  # one model per stage: the BatchNormalization nodes are gone after bn_reparam
+        import onnx
+
+        ops = [[n.op_type for n in onnx.load(str(tmp_path / f)).graph.node] for f in files]
+        assert "BatchNormalization" in ops[0] and "BatchNormalization" not in ops[1] and "Conv" in ops[1]
+        return
     text = (tmp_path / files[0]).read_text()
     assert marker in text
     if fmt == "html":  # the final stage carries the Triton source of each fused region
