@@ -213,8 +213,12 @@ def _describe(tunable: dict[int, Pass], config: Config) -> str:
     for index, choices in sorted(config.items()):
         if not choices:
             continue
-        values = sorted({json.dumps(v) for v in choices.values()})
-        parts.append(f"{tunable[index].name}: {len(choices)} layer(s) at {', '.join(values)}")
+        counts: dict[str, int] = {}
+        for v in choices.values():
+            counts[json.dumps(v)] = counts.get(json.dumps(v), 0) + 1
+        at = (f"at {next(iter(counts))}" if len(counts) == 1 else
+              "(" + ", ".join(f"{n} at {v}" for v, n in sorted(counts.items())) + ")")
+        parts.append(f"{tunable[index].name}: {len(choices)} layer(s) {at}")
     return "; ".join(parts) or "exact"
 
 
@@ -478,6 +482,7 @@ class _Search:
         self.base, _ = PassManager(self.prefix).run(gm) if self.prefix else (gm, None)
         self.tunable = {i: p for i, p in enumerate(self.rest) if not p.exact}
         self.knobs: dict[int, list[Knob]] = {i: p.knobs(snapshot(self.base)) for i, p in self.tunable.items()}
+        self.knob_of = {(i, k.layer): k for i, knobs in self.knobs.items() for k in knobs}
         if not any(self.knobs.values()):
             names = ", ".join(p.name for p in self.tunable.values()) or "none"
             raise BudgetError(f"no approximate pass found a layer to tune in this graph (approximate passes named: "
@@ -679,48 +684,110 @@ class _Search:
     #: unions of single-pass settings verified, the most promising first
     COMBINATIONS = 4
 
+    def soften(self, config: Config, keys) -> Config:
+        """``config`` with each choice in ``keys`` moved to its knob's next milder setting, or
+        reverted to exact when it is already the mildest."""
+        out = {i: dict(c) for i, c in config.items()}
+        for i, layer, setting in keys:
+            if out.get(i, {}).get(layer) != setting:
+                continue
+            settings = self.knob_of[(i, layer)].settings
+            index = settings.index(setting)
+            if index > 0:
+                out[i][layer] = settings[index - 1]
+            else:
+                del out[i][layer]
+        return {i: c for i, c in out.items() if c}
+
     def repair(self, config: Config, drops: dict, gains: dict, progress) -> tuple[Config, float]:
-        """Revert choices until ``config``'s measured drop is within budget (NNCF-style greedy).
+        """Soften choices until ``config``'s measured drop is within the limit (NNCF-style
+        greedy repair, in context).
 
         Drops measured alone miss interactions (r tokens merged in each of six blocks is
         harmless alone and ruinous together), so the culprit is found in context: the group
-        of choices (one pass at one setting) whose removal lowers the measured drop most,
-        then, inside it, the choices in the order their removal helps (measured one by one
-        for a small group, else by drop alone per unit of gain, output deviation breaking
-        ties), reverted one at a time until the drop is within budget.
+        of choices (one pass at one setting) whose softening lowers the measured drop most.
+        Its choices are ordered by the harm each does - measured one by one for a small
+        group, else its drop alone per unit of gain, output deviation breaking ties - and
+        the shortest prefix of that order whose softening brings the drop within the limit
+        is found by doubling, then bisection (a few measurements, not one per layer).
+        Softening moves a choice to its knob's next milder setting (int8 at threshold 0 to
+        threshold 6), and only the mildest back to exact.
         """
         first = self.budget.sensitivity_batches
+        limit = self.budget.limit
         measured = self.drop(config)
 
-        def without(config, keys):
-            out = {i: {layer: s for layer, s in c.items() if (i, layer, s) not in keys} for i, c in config.items()}
-            return {i: c for i, c in out.items() if c}
+        def harm(key):  # drop removed per unit of gain lost, by softening this choice
+            i, layer, setting = key
+            settings = self.knob_of[(i, layer)].settings
+            index = settings.index(setting)
+            milder = (i, layer, settings[index - 1]) if index > 0 else None
+            gain = max(gains.get(key, 0.0) - (gains.get(milder, 0.0) if milder else 0.0), 1e-12)
+            less = max(drops[key], 0.0) - (max(drops.get(milder, 0.0), 0.0) if milder else 0.0)
+            return (-less / gain, -self.deviation({i: {layer: setting}}, first) / gain)
 
-        while measured > self.budget.limit and config:
+        while measured > limit and config:
             groups: dict[tuple, list] = {}
             for i, c in config.items():
                 for layer, setting in c.items():
                     groups.setdefault((i, json.dumps(setting)), []).append((i, layer, setting))
-            group = min(groups.values(), key=lambda keys: self.drop(without(config, set(keys)))) \
+            group = min(groups.values(), key=lambda keys: self.drop(self.soften(config, keys))) \
                 if len(groups) > 1 else next(iter(groups.values()))
             if len(group) <= self.LEAVE_ONE_OUT:
-                order = sorted(group, key=lambda key: self.drop(without(config, {key})))
+                order = sorted(group, key=lambda key: self.drop(self.soften(config, [key])))
             else:
-                def harm(key):
-                    gain = max(gains.get(key, 0.0), 1e-12)
-                    return (-max(drops[key], 0.0) / gain, -self.deviation({key[0]: {key[1]: key[2]}}, first) / gain)
-
                 order = sorted(group, key=harm)
-            for key in order:
-                config = without(config, {key})
-                before = self.evaluations
-                measured = self.drop(config)
-                if self.budget.progress and self.evaluations > before:
-                    progress.console.print(f"budget: reverted {self.tunable[key[0]].name} {key[1]}: drop "
-                                           f"{measured:.4f}", highlight=False)
-                if measured <= self.budget.limit:
-                    break
+            n = self._shortest_prefix(config, order)
+            config = self.soften(config, order[:n])
+            measured = self.drop(config)
+            if self.budget.progress:
+                progress.console.print(f"budget: softened {n} {self.tunable[order[0][0]].name} choice(s) at "
+                                       f"{order[0][2]!r}: drop {measured:.4f}", highlight=False)
         return config, measured
+
+    def _shortest_prefix(self, config: Config, order: list) -> int:
+        """The fewest leading choices of ``order`` whose softening puts the drop within the
+        limit (doubling, then bisection), or all of them when none does."""
+        limit = self.budget.limit
+        within = lambda n: self.drop(self.soften(config, order[:n])) <= limit  # noqa: E731
+        high = 1
+        while high < len(order) and not within(high):
+            high *= 2
+        if high >= len(order):
+            if not within(len(order)):
+                return len(order)
+            high = len(order)
+        low = high // 2  # not within (or 0)
+        while high - low > 1:
+            mid = (low + high) // 2
+            if within(mid):
+                high = mid
+            else:
+                low = mid
+        return high
+
+    def over_budget_seeds(self, singles: list[Config], single_drops: list[float], speeds: list[float]) -> list[Config]:
+        """Single-pass settings over the limit but faster than every one within it, each with
+        the fastest within-limit setting of every other pass: repair softens them from the
+        fast side (all linears int8 at threshold 0, the most sensitive moved to 6), as NNCF
+        starts from the fully quantized model."""
+        limit = self.budget.limit
+        fastest_within: dict[int, tuple[float, Config]] = {}
+        for c, d, v in zip(singles, single_drops, speeds):
+            ((i, _),) = c.items()
+            if d <= limit and v > fastest_within.get(i, (0.0, {}))[0]:
+                fastest_within[i] = (v, c)
+        best = max((v for v, _ in fastest_within.values()), default=1.0)
+        seeds = []
+        for c, d, v in sorted(zip(singles, single_drops, speeds), key=lambda cdv: -cdv[2]):
+            ((i, _),) = c.items()
+            if d > limit and v > best:
+                seed = dict(c)
+                for j, (_, other) in fastest_within.items():
+                    if j != i:
+                        seed.update(other)
+                seeds.append(seed)
+        return seeds[:self.COMBINATIONS]
 
     def pass_combinations(self, singles: list[Config], single_drops: list[float], gains: dict) -> list[Config]:
         """Unions of single-pass settings (at most one per pass) whose drops sum within the
@@ -775,6 +842,7 @@ def tune(model, args: tuple, kwargs: dict, passes: Sequence[Pass], budget: Budge
         candidates: list[Config] = []
         predicted = [search.knapsack(drops, gains, budget.limit * factor) for factor in budget.caps]
         predicted += search.pass_combinations(singles, single_drops, gains)
+        predicted += search.over_budget_seeds(singles, single_drops, single_speeds)
         task = progress.add_task("budget: verifying combinations", total=len(predicted))
         for config in predicted:
             config, _ = search.repair(config, drops, gains, progress)

@@ -7,6 +7,7 @@ the same search with timed speed-ups (examples/budget_search.py, docs/benchmarks
 
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -157,6 +158,29 @@ def test_a_choice_over_budget_on_heldout_data_warns(vit):
                                budget=b).report.budget
     assert result.met and result.chosen.drop == 0.0 and result.chosen.heldout_drop == 1.0
     assert result.heldout_exceeded and "Budget(margin=...)" in result.message
+
+
+def test_repair_softens_to_the_next_milder_setting_in_few_measurements(vit):
+    model, batches = vit
+    passes = [optcc.get_pass("int8_decomposition")()]  # settings (6.0, 0.0): 6 is the milder
+    search = bd._Search(model, batches[0], {}, passes, budget(batches), "eager")
+    layers = [k.layer for k in search.knobs[0]]
+    config = {0: {layer: 0.0 for layer in layers}}
+    softer = search.soften(config, [(0, layers[0], 0.0), (0, layers[1], 0.0)])
+    assert softer[0][layers[0]] == 6.0 and softer[0][layers[1]] == 6.0 and softer[0][layers[2]] == 0.0
+    assert layers[0] not in search.soften(softer, [(0, layers[0], 6.0)])[0]  # the mildest goes back to exact
+
+    # a drop that falls under the limit once 5 choices are softened: found in O(log n) measurements
+    order = [(0, layer, 0.0) for layer in layers]
+    measured = []
+
+    def fake_drop(c, **_):
+        measured.append(c)
+        return 0.02 if sum(v == 0.0 for v in c.get(0, {}).values()) > len(layers) - 5 else 0.001
+
+    search.drop = fake_drop
+    assert search._shortest_prefix(config, order) == 5
+    assert len(measured) <= 2 * math.ceil(math.log2(len(layers))) + 1
 
 
 @pytest.mark.parametrize("kwargs, message", [
