@@ -183,6 +183,27 @@ def test_repair_softens_to_the_next_milder_setting_in_few_measurements(vit):
     assert len(measured) <= 2 * math.ceil(math.log2(len(layers))) + 1
 
 
+def test_latency_choice_comes_from_one_run_timing_the_settings_within_budget_together(vit, monkeypatch):
+    model, batches = vit
+    calls = []
+
+    def fake_time(self, configs):
+        # each run of the search ranks configurations one way; the last run the other way
+        calls.append([bd.config_key(c) for c in configs])
+        rank = {k: i for i, k in enumerate(sorted(calls[-1]))}
+        return {k: 2.0 + (rank[k] if len(calls) < 3 else -rank[k]) / 10 for k in calls[-1]}
+
+    monkeypatch.setattr(bd._Search, "_time", fake_time)
+    result = optcc.compile(model, PASSES, example_inputs=batches[0], target="eager",
+                           budget=budget(batches, objective="latency")).report.budget
+    within = [p for p in result.points[1:] if p.within(result.limit)]
+    assert len(calls) == 3 and len(within) > 1 and result.timed_together
+    assert sorted(calls[-1]) == sorted(bd.config_key(p.config) for p in within)
+    # the first in the final ranking, not the fastest of the earlier runs (the last of them)
+    assert bd.config_key(result.chosen.config) == sorted(calls[-1])[0] and result.chosen.speedup == 2.0
+    assert "timed them together" in result.markdown()
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"metric": "accuracy"}, "unknown budget metric 'accuracy'"),
     ({"objective": "energy"}, "unknown budget objective 'energy'"),
