@@ -1,7 +1,7 @@
 """The ``optcc`` command line: list passes, dump graphs, benchmark, and a demo.
 
     optcc passes
-    optcc dump MODEL [--passes a,b] [--after-each] [--explain] [--format text|dot|svg|html|onnx|triton] [--out DIR]
+    optcc dump MODEL [--passes a,b] [--after-each] [--explain] [--format text|dot|svg|html|onnx|pt2|triton] [--out DIR]
     optcc bench MODEL [--passes a,b] [--runs N] [--batch N] [--targets eager,optcc-eager]
     optcc export MODEL [--passes a,b] --out model.onnx
     optcc tune MODEL --passes a,b --budget METRIC:MAX_DROP [--data FILE.pt] [--objective latency|flops] [--out DIR]
@@ -44,7 +44,7 @@ from .onnx_io import OnnxError
 from .pass_base import OptionError, Pass, PassError, UnknownPassError, list_passes, make_pass
 from .pass_manager import PassManager, PassOrderError, output_error
 
-FORMATS = ("text", "dot", "svg", "html", "onnx", "triton")
+FORMATS = ("text", "dot", "svg", "html", "onnx", "pt2", "triton")
 
 
 class UsageError(Exception):
@@ -143,7 +143,7 @@ def _kernel_sources(gm) -> list[tuple[str, str]]:
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
-    if args.format in ("svg", "html", "onnx") and args.out is None:
+    if args.format in ("svg", "html", "onnx", "pt2") and args.out is None:
         raise UsageError(f"--format {args.format} writes files: add --out DIR")
     passes = parse_passes(args.passes)
     passes = default_passes() if passes is None else passes
@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL", help=SPEC_HELP)
     p.add_argument("--passes", help=passes_help)
     p.add_argument("--after-each", action="store_true", help="dump the graph after every pass, not just the final one")
-    p.add_argument("--format", default="text", choices=FORMATS, help="text (default), dot, svg, html, onnx (one model per stage, for Netron), or triton (the generated kernel of every fused region)")
+    p.add_argument("--format", default="text", choices=FORMATS, help="text (default), dot, svg, html, onnx (one model per stage, for Netron), pt2 (one torch.export program per stage, for Model Explorer; load with optcc imported), or triton (the generated kernel of every fused region)")
     p.add_argument("--out", metavar="DIR", help="write files to DIR (NN_stage.ext, or dump.html)")
     p.add_argument("--batch", type=int, help="batch size for demo and timm: models")
     p.add_argument("--explain", action="store_true",

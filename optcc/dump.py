@@ -214,7 +214,18 @@ def write_dumps(stages: list[tuple[str, fx.GraphModule]], fmt: str, out_dir: Pat
                 warnings.warn(f"optcc dump: stage {i:02d} ({name}) has no ONNX form and was not written: {exc}",
                               stacklevel=2)
                 continue
+        elif fmt == "pt2":  # one torch.export program per stage, for Model Explorer
+            from .ir import save_program
+
+            path = stem.with_suffix(".pt2")
+            try:
+                save_program(gm, path)
+            except Exception as exc:  # an export failure of one stage must not lose the others
+                warnings.warn(f"optcc dump: stage {i:02d} ({name}) could not be exported as a torch.export program "
+                              f"and was not written: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                              stacklevel=2)
+                continue
         else:
-            raise ValueError(f"unknown dump format '{fmt}'; choose text, dot, svg, html, onnx or triton")
+            raise ValueError(f"unknown dump format '{fmt}'; choose text, dot, svg, html, onnx, pt2 or triton")
         written.append(path)
     return written

@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import Counter
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -373,25 +374,47 @@ def unflatten_outputs(gm: fx.GraphModule, flat_outputs: Iterable) -> Any:
     return pytree.tree_unflatten(flat_outputs, spec) if spec is not None else tuple(flat_outputs)
 
 
+def tensor_like(val: Any, integers: int = 0) -> Any:
+    """A real tensor of a recorded (fake) value's shape and dtype: random floats, else
+    filled with ``integers``; anything that is no tensor is returned as it is."""
+    if not isinstance(val, torch.Tensor):
+        return val
+    shape = [int(s) for s in val.shape]
+    return (torch.randn(shape, dtype=val.dtype) if val.dtype.is_floating_point
+            else torch.full(shape, integers, dtype=val.dtype))
+
+
 def example_inputs_of(program: ExportedProgram) -> tuple[tuple, dict]:
     """Random inputs with the shapes and dtypes an ExportedProgram was exported with."""
     user_inputs = set(program.graph_signature.user_inputs)
-    flat = []
-    for node in program.graph.nodes:
-        if node.op == "placeholder" and node.name in user_inputs:
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor):
-                shape = [int(s) for s in val.shape]
-                if val.dtype.is_floating_point:
-                    flat.append(torch.randn(shape, dtype=val.dtype))
-                elif val.dtype == torch.bool:
-                    flat.append(torch.zeros(shape, dtype=torch.bool))
-                else:
-                    flat.append(torch.zeros(shape, dtype=val.dtype))
-            else:
-                flat.append(val)
+    flat = [tensor_like(node.meta.get("val")) for node in program.graph.nodes
+            if node.op == "placeholder" and node.name in user_inputs]
     args, kwargs = pytree.tree_unflatten(flat, program.call_spec.in_spec)
     return tuple(args), dict(kwargs)
+
+
+def placeholder_inputs(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
+    """Random positional inputs of the shapes a canonical graph recorded for its placeholders
+    (integer inputs all ones: valid token ids, masks that keep every position)."""
+    inputs = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                raise ValueError(f"input '{node.name}' of the graph has no recorded shape; pass example inputs")
+            inputs.append(tensor_like(val, integers=1))
+    return tuple(inputs)
+
+
+def save_program(gm: fx.GraphModule, path: str | Path) -> Path:
+    """Write a canonical graph as a ``torch.export`` program (``.pt2``: Model Explorer opens
+    it). optcc's own ops stay single nodes with their arguments; loading the file needs
+    ``import optcc``, which registers them."""
+    program = torch.export.export(gm, placeholder_inputs(gm), strict=False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, str(path))
+    return path
 
 
 def insert_call(graph: fx.Graph, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:

@@ -83,6 +83,7 @@ def test_dump_after_each_to_stdout_has_a_header_per_stage(capsys):
     ("dot", ["00_captured.dot", "01_bn_reparam.dot"], "digraph"),
     ("html", ["dump.html"], "<!doctype html>"),
     ("onnx", ["00_captured.onnx", "01_bn_reparam.onnx"], None),
+    ("pt2", ["00_captured.pt2", "01_bn_reparam.pt2"], None),
 ])
 def test_dump_dot_and_html_write_files(capsys, tmp_path, fmt, files, marker):
     status, _, _ = run(capsys, "dump", "demo", "--passes", "bn_reparam", "--after-each",
@@ -94,6 +95,13 @@ def test_dump_dot_and_html_write_files(capsys, tmp_path, fmt, files, marker):
 
         ops = [[n.op_type for n in onnx.load(str(tmp_path / f)).graph.node] for f in files]
         assert "BatchNormalization" in ops[0] and "BatchNormalization" not in ops[1] and "Conv" in ops[1]
+        return
+    if fmt == "pt2":  # one torch.export program per stage, each running as its stage does
+        programs = [torch.export.load(str(tmp_path / f)) for f in files]
+        ops = [{str(n.target) for n in p.graph.nodes if n.op == "call_function"} for p in programs]
+        assert any("batch_norm" in o for o in ops[0]) and not any("batch_norm" in o for o in ops[1])
+        x = torch.randn(1, 3, 96, 96)  # the demo model's input
+        torch.testing.assert_close(programs[1].module()(x), programs[0].module()(x), rtol=1e-4, atol=1e-4)
         return
     text = (tmp_path / files[0]).read_text()
     assert marker in text

@@ -8,24 +8,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from ..ir import placeholder_inputs
 from .common import OnnxError, first_line, require_onnx
-
-# ----------------------------------------------------------------------------------------
-# Writing
-
-
-def _inputs_from_placeholders(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
-    inputs = []
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        val = node.meta.get("val")
-        if not isinstance(val, torch.Tensor):
-            raise OnnxError(f"input '{node.name}' of the graph has no recorded shape; pass example_inputs")
-        shape = [int(s) for s in val.shape]
-        inputs.append(torch.randn(shape, dtype=val.dtype) if val.dtype.is_floating_point
-                      else torch.ones(shape, dtype=val.dtype))
-    return tuple(inputs)
 
 
 def _standard_ops(gm: fx.GraphModule) -> fx.GraphModule:
@@ -60,7 +44,10 @@ def export_onnx(model: Any, path: str | Path, example_inputs: Any = None) -> Pat
             raise OnnxError("the compiled module runs its model eagerly (capture failed): nothing to export")
         model = model.graph_module
     if isinstance(model, fx.GraphModule) and example_inputs is None:
-        example_inputs = _inputs_from_placeholders(model)
+        try:
+            example_inputs = placeholder_inputs(model)
+        except ValueError as exc:
+            raise OnnxError(str(exc)) from exc
     if isinstance(model, fx.GraphModule):
         model = _standard_ops(model)
     if example_inputs is None:
