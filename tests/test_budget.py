@@ -187,7 +187,7 @@ def test_latency_choice_comes_from_one_run_timing_the_settings_within_budget_tog
     model, batches = vit
     calls = []
 
-    def fake_time(self, configs):
+    def fake_time(self, configs, runs=None):
         # each run of the search ranks configurations one way; the last run the other way
         calls.append([bd.config_key(c) for c in configs])
         rank = {k: i for i, k in enumerate(sorted(calls[-1]))}
