@@ -71,7 +71,8 @@ def _diff(before: str, after: str) -> str:
         cls = ("hunk" if line.startswith("@@") else "file" if line.startswith(("---", "+++"))
                else "add" if line.startswith("+") else "del" if line.startswith("-") else "ctx")
         rows.append(f'<span class="{cls}">{_esc(line)}</span>')
-    return "\n".join(rows) if rows else '<span class="ctx">(no change to the graph text)</span>'
+    # each span is a block (its own line), so a newline between them would add a blank one
+    return "".join(rows) if rows else '<span class="ctx">(no change to the graph text)</span>'
 
 
 def _node_info(gm: fx.GraphModule, events: dict[str, list[str]]) -> dict[str, dict]:
@@ -223,7 +224,7 @@ table { border-collapse: collapse; margin: .3em 0; } td, th { border: 1px solid 
 tr.rolled-back td, tr.failed td { background: #ffe3e3; }
 pre { font-size: 12px; overflow: auto; }
 pre.diff { max-height: 30em; border: 1px solid #ddd; }
-pre.diff span { display: block; } .diff .add { background: #d3f9d8; } .diff .del { background: #ffe3e3; }
+pre.diff span { display: block; min-height: 1.2em; } .diff .add { background: #d3f9d8; } .diff .del { background: #ffe3e3; }
 .diff .hunk { color: #1864ab; background: #e7f5ff; } .diff .file { color: #888; }
 """
 

@@ -44,6 +44,9 @@ def test_demo_page_in_chromium(demo_page, opened, tmp_path):
     for k, (name, stage) in enumerate(report.dumps):
         page.click(f'.tab[data-stage="{k}"]')
         assert page.inner_text(f"#stage-{k} h2") == f"{k:02d} after {name}"
+        if k:  # the diff reads one line per diff line, no blank lines between them
+            shown = page.inner_text(f"#stage-{k} pre.diff").split("\n")
+            assert len(shown) == page.locator(f"#stage-{k} pre.diff span").count() and "" not in shown[:-1]
         drawn = page.eval_on_selector_all("#graph svg .node", "els => els.map(e => e.dataset.id)")
         expected = [b.ident for b in picture(stage).boxes]
         assert sorted(drawn) == sorted(expected), f"stage {k} ({name}) draws other boxes than its graph has"
