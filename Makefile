@@ -33,7 +33,7 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
 
-# Differential fuzzing, nightly size: many more and bigger random models than CI's 300.
+# Differential fuzzing, nightly size: many more and bigger random models than CI's 200.
 FUZZ_EXAMPLES ?= 5000
 FUZZ_MAX_BLOCKS ?= 5
 fuzz: $(STAMP)
