@@ -2,7 +2,7 @@
 one element per graph node in every stage, and its search, click and collapse work.
 
 Without Chromium the test is skipped on a developer's machine (``apt-get install chromium``)
-and fails under CI, whose ``.ci/run`` installs it.
+and fails under CI, where ``make test`` installs it (its ``chromium`` target).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def opened(demo_page):
             yield opened
     except BrowserUnavailable as e:
         if os.environ.get("CI"):
-            pytest.fail(f"{e} (.ci/run installs Chromium; the browser test must run in CI)")
+            pytest.fail(f"{e} (`make test` installs Chromium when it runs as root; the browser test must run in CI)")
         pytest.skip(str(e))
 
 
