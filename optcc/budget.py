@@ -872,13 +872,11 @@ def tune(model, args: tuple, kwargs: dict, passes: Sequence[Pass], budget: Budge
         for c, s in zip(candidates, search.speedups(candidates)):
             points.append(Point(_describe(search.tunable, c), "search", search.drop(c), s, config=c))
         within = [p for p in points[1:] if p.within(budget.limit)]
-        if budget.objective == "latency" and len(within) > 1:
+        timed_together = budget.objective == "latency" and len(within) > 1
+        if timed_together:
             progress.update(task, description=f"budget: timing the {len(within)} settings within budget together")
             for p, s in zip(within, search.retime([p.config for p in within])):
                 p.speedup = s
-            timed_together = True
-        else:
-            timed_together = False
     faster = [p for p in within if (p.speedup or 0.0) > 1.0]
     chosen = max(faster, key=lambda p: p.speedup or 0.0) if faster else points[0]
     singles_within = [p for p in within if p.kind == "single-pass"]
