@@ -154,8 +154,11 @@ def relu_features(x: torch.Tensor) -> torch.Tensor:
 
 
 def elu1_features(x: torch.Tensor) -> torch.Tensor:
-    """``phi(x) = elu(x) + 1`` (Katharopoulos et al. 2020, "Transformers are RNNs"): positive."""
-    return F.elu(x) + 1.0
+    """``phi(x) = elu(x) + 1`` (Katharopoulos et al. 2020, "Transformers are RNNs"): positive.
+
+    Written ``exp(min(x, 0)) + max(x, 0)`` (the same function): torch's CPU ``elu`` kernel
+    took 4x the time of ``exp`` + ``relu`` + ``add`` at 12M elements."""
+    return torch.exp(x.clamp(max=0)) + torch.relu(x)
 
 
 def cosine_features(x: torch.Tensor) -> torch.Tensor:
@@ -420,6 +423,13 @@ def _noncausal(pq, pk, v, eps, order):
 
 def _causal_chunked(pq, pk, v, eps, chunk_size):
     """``pq [B, Hk, G, L, F]``, ``pk [B, Hk, L, F]``, ``v [B, Hk, L, Ev]``."""
+    return causal_chunked_with_state(pq, pk, v, eps, chunk_size)[0]
+
+
+def causal_chunked_with_state(pq, pk, v, eps, chunk_size, state0=None, z0=None):
+    """The chunked causal form (shapes as :func:`_causal_chunked`) started from the running
+    ``state0 [B, Hk, 1, 1, F, Ev]`` / ``z0 [B, Hk, 1, 1, F]`` of earlier positions (None: none);
+    returns ``(out [B, Hk, G, L, Ev], state, z)`` with ``state`` / ``z`` now including these keys."""
     b, hk, g, length, f = pq.shape
     ev = v.shape[-1]
     c = max(1, min(chunk_size, length))
@@ -442,10 +452,14 @@ def _causal_chunked(pq, pk, v, eps, chunk_size):
     # exclusive prefix over chunks: chunk c sees the chunks before it
     state = torch.cat([torch.zeros_like(chunk_state[:, :, :, :1]), chunk_state[:, :, :, :-1]], dim=3).cumsum(dim=3)
     z = torch.cat([torch.zeros_like(chunk_z[:, :, :, :1]), chunk_z[:, :, :, :-1]], dim=3).cumsum(dim=3)
+    if state0 is not None:
+        state, z = state + state0, z + z0
     num = num + qc @ state
     den = den + qc @ z[..., None]
     out = (num / (den + eps)).reshape(b, hk, g, n * c, ev)
-    return out[:, :, :, :length]
+    final_state = state[:, :, :, -1:] + chunk_state[:, :, :, -1:]
+    final_z = z[:, :, :, -1:] + chunk_z[:, :, :, -1:]
+    return out[:, :, :, :length], final_state, final_z
 
 
 def linear_attention_torch(q, k, v, key_mask=None, feature_map="elu1", params=None, causal=False, eps=1e-6,
@@ -494,6 +508,12 @@ def _linear_attention(q, k, v, key_mask=None, feature_map="elu1", params=None, c
 
             return _sdpa_layout(linear_attention_triton(q, k, v, key_mask, feature_map, params, causal, eps, seed,
                                                         scale, num_features, power))
+    if type(q) is torch.Tensor and not _tracing(q):
+        from . import linear_attention_cpu as cpu
+
+        _check(q, k, v, key_mask, feature_map, params, causal, chunk_size, order)
+        if cpu.applies(q, k, v, feature_map, params, causal, order):
+            return cpu.linear_attention_blocked(q, k, v, key_mask, feature_map, params, causal, eps, power, chunk_size)
     return _sdpa_layout(linear_attention_torch(q, k, v, key_mask, feature_map, params, causal, eps, seed, scale,
                                                num_features, power, chunk_size, order))
 

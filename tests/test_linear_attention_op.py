@@ -89,6 +89,27 @@ def test_causal_chunked_and_cumsum_match_reference(feature_map):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+def test_blocked_cpu_form_matches_reference(feature_map, causal, monkeypatch):
+    """Long-sequence CPU calls run in blocks of positions (``linear_attention_cpu``): here
+    blocks of 8 positions (a ragged last one, chunks of 4 inside) against the fp64 reference;
+    FAVOR, whose shifts span every key, must stay in the whole form and still be right."""
+    import optcc.kernels.linear_attention_cpu as cpu
+
+    monkeypatch.setattr(cpu, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(cpu, "BLOCK_ELEMENTS", B * HQ * E * 8)
+    calls = []
+    blocked = cpu.linear_attention_blocked
+    monkeypatch.setattr(cpu, "linear_attention_blocked", lambda *a: calls.append(a) or blocked(*a))
+    q, k, v, mask = make_inputs(29, 29)
+    params = params_for(feature_map)
+    want = linear_attention_reference(q, k, v, mask, feature_map, params, causal=causal)
+    check(linear_attention(q, k, v, mask, feature_map, params, causal=causal, chunk_size=4, order="linear"), want)
+    assert len(calls) == (feature_map != "favor")
+    assert cpu.block_rows(B, HQ, E, 4) == 8
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("feature_map", ["elu1", "favor", "hedgehog"])
 def test_bf16_inputs_accumulate_in_fp32(feature_map, causal):
     q, k, v, mask = make_inputs(10, 10, torch.bfloat16)
