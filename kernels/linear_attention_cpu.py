@@ -31,7 +31,7 @@ from . import linear_attention as la
 #: elements of one block of queries (or keys) across batch and heads: 512k fp32 = 2 MB (the fastest of 256k-2M at 1k-16k tokens).
 BLOCK_ELEMENTS = 1 << 19
 #: below this many elements in q the op runs whole (blocks would only add Python overhead).
-MIN_ELEMENTS = 1 << 21
+MIN_ELEMENTS = 1 << 20
 ROW_WISE = ("relu", "elu1", "cosine", "focused", "hedgehog")
 
 

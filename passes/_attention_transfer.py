@@ -11,6 +11,17 @@ output matches the softmax layer's on the same q/k/v::
 with Adam, ``steps`` steps per layer, every layer on its own (its inputs are the softmax
 model's, so errors do not compound during training and the layers are independent). The
 error before (the identity initialisation) and after is kept per layer for the report.
+
+Layer-wise transfer does not see how the layers' errors compound: each layer is trained on
+the softmax model's inputs, but in the converted model it reads the earlier linear layers'
+outputs. LoLCATs follows transfer with a low-rank fine-tune of the whole model for that
+reason. :func:`finetune` is that second stage restricted to the same parameters: after the
+rewrite, every converted layer's maps together, trained through the whole graph so that its
+outputs match the softmax graph's on the calibration batches::
+
+    min_{theta_1..theta_L}  sum_outputs || f_theta(x) - f_softmax(x) ||^2 / || f_softmax(x) ||^2
+
+(``finetune_steps`` Adam steps, one batch a step in turn; nothing but the maps changes).
 """
 
 from __future__ import annotations
@@ -35,16 +46,16 @@ class Recorded:
 
 
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm, nodes: set, key_masks: dict):
+    def __init__(self, gm, nodes: set):
         super().__init__(gm)
-        self.nodes, self.key_masks = nodes, key_masks
+        self.nodes = nodes
         self.seen: dict[fx.Node, Recorded] = {n: Recorded([], [], [], [], []) for n in nodes}
-        self.values: dict = {}
+        self.outputs: list = []  # the graph's float outputs, per batch (finetune's targets)
 
     def run_node(self, n):
         result = super().run_node(n)
-        if n in self.key_masks.values():
-            self.values[n] = result
+        if n.op == "output":
+            self.outputs.append([t.detach() for t in _float_leaves(result)])
         if n in self.nodes:
             q, k, v = (self.env[a] for a in n.args[:3])
             mask = n.args[3] if len(n.args) > 3 else None
@@ -67,11 +78,12 @@ def _key_rows(mask: torch.Tensor, batch: int, keys: int) -> torch.Tensor:
     return real.expand(batch, real.shape[1], real.shape[2], keys)[:, 0, 0, :]
 
 
-def record(gm: fx.GraphModule, nodes: Sequence[fx.Node], batches: Sequence[Any]) -> dict[fx.Node, Recorded]:
-    """Each node's q/k/v and output on every calibration batch (tuples of model inputs)."""
+def record(gm: fx.GraphModule, nodes: Sequence[fx.Node], batches: Sequence[Any]) -> tuple[dict[fx.Node, Recorded], list]:
+    """Each node's q/k/v and output on every calibration batch (tuples of model inputs), and
+    the graph's float outputs per batch."""
     from optcc.pass_base import OptionError
 
-    recorder = _Recorder(gm, set(nodes), {})
+    recorder = _Recorder(gm, set(nodes))
     expected = [tuple(n.meta["val"].shape) for n in gm.graph.nodes
                 if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)]
     with torch.no_grad():
@@ -83,7 +95,55 @@ def record(gm: fx.GraphModule, nodes: Sequence[fx.Node], batches: Sequence[Any])
                 raise OptionError(f"attention_to_linear: calibration batch {i} has input shapes {shapes}, the graph "
                                   f"was captured for {expected}: give batches shaped like the example inputs")
             recorder.run(*flat)
-    return recorder.seen
+    return recorder.seen, recorder.outputs
+
+
+def _float_leaves(out) -> list:
+    import torch.utils._pytree as pytree
+
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _output_error(gm, flat_batches, targets) -> torch.Tensor:
+    total, norm = 0.0, 0.0
+    for flat, want in zip(flat_batches, targets):
+        for got, ref in zip(_float_leaves(gm(*flat)), want):
+            total = total + (got.float() - ref.float()).pow(2).mean()
+            norm = norm + ref.float().pow(2).mean()
+    return (total / norm).sqrt()
+
+
+def finetune(gm: fx.GraphModule, attributes: Sequence[str], batches: Sequence[Any], targets: list, *,
+             steps: int, lr: float, progress=None) -> tuple[float, float]:
+    """Train the buffers ``attributes`` of ``gm`` (the converted layers' maps) together so that
+    ``gm``'s float outputs match ``targets`` (the softmax graph's, per batch); returns the
+    relative RMS output error ``(before, after)`` over all batches. The buffers are replaced by
+    the trained values (detached): the graph is unchanged."""
+    gm.recompile()  # the rewrite changed the graph, not yet its generated forward
+    flat_batches = [flat_inputs(gm, b if isinstance(b, (tuple, list)) else (b,)) for b in batches]
+    trained = {name: gm.get_buffer(name).detach().clone().requires_grad_(True) for name in attributes}
+    owners = {name: gm.get_submodule(name.rpartition(".")[0]) if "." in name else gm for name in attributes}
+    for name, tensor in trained.items():
+        owners[name]._buffers[name.rpartition(".")[2]] = tensor
+    optimizer = torch.optim.Adam(list(trained.values()), lr=lr)
+    try:
+        with torch.no_grad():
+            before = float(_output_error(gm, flat_batches, targets))
+        for step in range(steps):
+            i = step % len(flat_batches)
+            optimizer.zero_grad()
+            with torch.enable_grad():  # passes run under no_grad
+                loss = _output_error(gm, flat_batches[i:i + 1], targets[i:i + 1])
+                loss.backward()
+            optimizer.step()
+            if progress:
+                progress()
+        with torch.no_grad():
+            after = float(_output_error(gm, flat_batches, targets))
+    finally:
+        for name, tensor in trained.items():
+            owners[name]._buffers[name.rpartition(".")[2]] = tensor.detach()
+    return before, after
 
 
 def train_hedgehog(recorded: Recorded, params: torch.Tensor, *, causal: bool, scale, steps: int, lr: float) -> tuple[torch.Tensor, float, float]:

@@ -55,6 +55,7 @@ class LinearizeAttention(Rule):
         self.order = order          # SDPA node -> its index among the graph's SDPA nodes
         self.layers: list[str] = []
         self.trained: dict[str, torch.Tensor] = {}  # SDPA node name -> calibrated hedgehog maps
+        self.param_attributes: list[str] = []       # the graph buffers holding the new layers' maps
 
     def match(self, gm, node):
         if node.target is not SDPA:
@@ -132,7 +133,9 @@ class LinearizeAttention(Rule):
             maps = self.trained.get(node.name)
             if maps is None:
                 maps = la.hedgehog_init(heads, head_dim, o.num_features or None, kv_heads)
-            return add_constant(gm, f"{node.name}_hedgehog", maps, before=node)
+            constant = add_constant(gm, f"{node.name}_hedgehog", maps, before=node)
+            self.param_attributes.append(constant.target)
+            return constant
         return None
 
 
@@ -157,6 +160,8 @@ class AttentionToLinear(Pass):
         calibrate: typing.Optional[list] = None   # batches of model inputs (tuples)
         steps: int = 200
         lr: float = 0.01
+        finetune_steps: int = 0   # then every converted layer's maps together, on the graph's outputs
+        finetune_lr: float = 0.001
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -169,6 +174,9 @@ class AttentionToLinear(Pass):
                               "use feature_map='hedgehog' (the other maps have nothing to learn)")
         if o.calibrate is not None and not o.calibrate:
             raise OptionError("attention_to_linear: calibrate needs at least one batch of inputs")
+        if o.finetune_steps and o.calibrate is None:
+            raise OptionError("attention_to_linear: finetune_steps trains on the calibration batches; "
+                              "give calibrate=[batches] too")
         # calibrated maps by (SDPA node name, q shape), shared by the passes configure() makes
         self._trained: dict[tuple, tuple] = {}
 
@@ -208,9 +216,11 @@ class AttentionToLinear(Pass):
     def run(self, gm: fx.GraphModule) -> PassResult:
         order = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.target is SDPA)}
         rule = LinearizeAttention(self.options, order)
-        calibration = self._calibrate(gm, rule, order) if self.options.calibrate is not None else []
+        calibration, targets = self._calibrate(gm, rule, order) if self.options.calibrate is not None else ([], None)
         stats = apply_rules(gm, [rule])
         stats["calibration"] = calibration
+        if self.options.finetune_steps and rule.param_attributes:
+            stats["finetune"] = self._finetune(gm, rule.param_attributes, targets)
         stats["layers"] = rule.layers
         total = len(order)
         if total == 0:
@@ -225,10 +235,25 @@ class AttentionToLinear(Pass):
             after = sum(c["error_after"] for c in calibration) / len(calibration)
             stats["message"] += (f"; calibrated on {len(self.options.calibrate)} batches, layer output error "
                                  f"{before:.3f} -> {after:.3f} (mean relative RMS)")
+        if "finetune" in stats:
+            stats["message"] += (f"; fine-tuned together {self.options.finetune_steps} steps, graph output error "
+                                 f"{stats['finetune']['error_before']:.3f} -> {stats['finetune']['error_after']:.3f}")
         return PassResult(gm, stats["matches"] > 0, stats)
 
-    def _calibrate(self, gm, rule: LinearizeAttention, order: dict) -> list[dict]:
-        """Train each selected layer's Hedgehog maps on the calibration batches (``_attention_transfer``)."""
+    def _finetune(self, gm, attributes: list[str], targets) -> dict:
+        """Every converted layer's maps trained together on the graph's outputs (``_attention_transfer.finetune``)."""
+        from rich.progress import Progress
+
+        o = self.options
+        with Progress(transient=True) as progress:
+            task = progress.add_task("fine-tuning the feature maps together", total=o.finetune_steps)
+            before, after = transfer.finetune(gm, attributes, o.calibrate, targets, steps=o.finetune_steps,
+                                              lr=o.finetune_lr, progress=lambda: progress.advance(task))
+        return {"error_before": before, "error_after": after, "steps": o.finetune_steps}
+
+    def _calibrate(self, gm, rule: LinearizeAttention, order: dict) -> tuple[list[dict], list | None]:
+        """Train each selected layer's Hedgehog maps on the calibration batches (``_attention_transfer``);
+        returns the per-layer rows and, when recorded, the graph's outputs on the batches."""
         from rich.progress import Progress
 
         o = self.options
@@ -239,9 +264,9 @@ class AttentionToLinear(Pass):
             rule.trained[node.name], row = self._trained[memo_keys[node]]
             rows.append(row)
         chosen = [n for n in chosen if memo_keys[n] not in self._trained]
-        if not chosen:
-            return rows
-        recorded = transfer.record(gm, chosen, o.calibrate)
+        if not chosen and not o.finetune_steps:
+            return rows, None
+        recorded, targets = transfer.record(gm, chosen, o.calibrate)
         with Progress(transient=True) as progress:
             task = progress.add_task("attention transfer", total=len(chosen))
             for node in chosen:
@@ -259,4 +284,4 @@ class AttentionToLinear(Pass):
                 rows.append({"layer": f"{order[node]}:{node.name}", "error_before": before, "error_after": after})
                 self._trained[memo_keys[node]] = (maps, rows[-1])
                 progress.advance(task)
-        return rows
+        return rows, targets

@@ -19,6 +19,7 @@ import optcc
 from optcc.dump import graph_text
 from optcc.kernels import linear_attention as la
 from optcc.passes.attention_to_linear import AttentionToLinear
+from optcc.pass_base import OptionError
 
 
 def linearize(model, inputs, **options):
@@ -156,3 +157,23 @@ def test_calibration_trains_hedgehog_maps_toward_softmax():
     assert all(r["error_after"] < 0.8 * r["error_before"] for r in rows)  # each layer closer to its softmax
     assert "calibrated on 2 batches" in record.message
     assert record.error < identity.error  # and the whole model closer to the original, on unseen inputs
+
+
+def test_finetune_trains_every_layer_together_on_the_graph_outputs():
+    """The second stage: after layer-wise transfer, the maps of both layers together, so the
+    model's output error (which layer-wise training cannot see compound) drops further."""
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10).eval()
+    batches = [(torch.randn(2, 3, 32, 32),) for _ in range(2)]
+    layerwise = dict(feature_map="hedgehog", calibrate=batches, steps=25, lr=0.03)
+    _, _, alone = linearize(model, (batches[0][0],), **layerwise)
+    compiled, _, record = linearize(model, (batches[0][0],), **layerwise, finetune_steps=30, finetune_lr=0.01)
+    tuned = record.stats["finetune"]
+    assert tuned["steps"] == 30 and tuned["error_after"] < 0.8 * tuned["error_before"]
+    assert "fine-tuned together 30 steps" in record.message
+    assert record.error < alone.error  # on the calibration batch the report measures
+    gm = compiled.graph_module
+    maps = [n for n in gm.graph.nodes if n.op == "get_attr" and "hedgehog" in n.target]
+    assert len(maps) == 2 and not any(getattr(gm, n.target).requires_grad for n in maps)
+    with pytest.raises(OptionError, match="finetune_steps trains on the calibration batches"):
+        linearize(model, (batches[0][0],), feature_map="hedgehog", finetune_steps=5)
