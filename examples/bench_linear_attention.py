@@ -19,7 +19,7 @@ shown as a speed ratio (>1 = linear is faster), never as an absolute time:
 Each row also gives the largest deviation of the linear output from softmax attention's,
 relative to the largest |softmax output| - to show the op really computed something, not
 as an accuracy figure (random inputs; accuracy on real weights is in
-``examples/linear_attention_minilm.py``).
+``examples/linear_attention_accuracy.py``).
 
     .venv/bin/python examples/bench_linear_attention.py [--runs 7] [--seconds 0.5] [--threads N]
         [--tokens 256,1024,4096,16384] [--skip-vit] [--vit-runs 5] [--quick] [--markdown FILE]

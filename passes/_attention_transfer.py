@@ -169,3 +169,44 @@ def train_hedgehog(recorded: Recorded, params: torch.Tensor, *, causal: bool, sc
     with torch.no_grad():
         after = float(error(theta))
     return theta.detach(), before, after
+
+
+#: what a maps file holds (``save_maps``): the format, then per layer index the maps and the
+#: query shape they were calibrated for.
+MAPS_FORMAT = "optcc.attention_to_linear.hedgehog_maps/1"
+
+
+def save_maps(path, gm: fx.GraphModule, attributes: dict[int, str]) -> str:
+    """Write the calibrated maps of the converted layers (``{layer index: buffer name}`` of
+    ``gm``) to ``path`` (``torch.save``); returns the path."""
+    layers = {index: gm.get_buffer(name).detach().clone() for index, name in attributes.items()}
+    torch.save({"format": MAPS_FORMAT, "layers": layers}, path)
+    return str(path)
+
+
+def load_maps(path, chosen: dict[int, fx.Node]) -> dict[str, torch.Tensor]:
+    """``{SDPA node name: maps}`` for the layers ``chosen`` (``{layer index: node}``) from a file
+    :func:`save_maps` wrote; every chosen layer must be there with maps of its shape."""
+    import os
+
+    from optcc.pass_base import OptionError
+
+    if not os.path.exists(path):
+        raise OptionError(f"attention_to_linear: maps file {path} does not exist; calibrate once with "
+                          f"calibrate=[batches] and maps={str(path)!r} to write it")
+    saved = torch.load(path, weights_only=True)
+    if not isinstance(saved, dict) or saved.get("format") != MAPS_FORMAT:
+        raise OptionError(f"attention_to_linear: {path} is not a maps file written by attention_to_linear")
+    maps = {}
+    for index, node in chosen.items():
+        tensor = saved["layers"].get(index)
+        q, k = node.args[0].meta["val"], node.args[1].meta["val"]
+        heads, kv_heads = (q.shape[1], k.shape[1]) if q.dim() == 4 else (1, 1)
+        expected = (heads + kv_heads, q.shape[-1] + 1)
+        if tensor is None or tuple(tensor.shape[:2]) != expected:
+            got = "none" if tensor is None else tuple(tensor.shape)
+            raise OptionError(f"attention_to_linear: {path} has no maps for attention layer {index} of this graph "
+                              f"(expected [{expected[0]}, {expected[1]}, F], got {got}): it was calibrated for "
+                              f"another model or layer selection; calibrate again")
+        maps[node.name] = tensor
+    return maps

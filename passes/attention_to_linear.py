@@ -55,7 +55,7 @@ class LinearizeAttention(Rule):
         self.order = order          # SDPA node -> its index among the graph's SDPA nodes
         self.layers: list[str] = []
         self.trained: dict[str, torch.Tensor] = {}  # SDPA node name -> calibrated hedgehog maps
-        self.param_attributes: list[str] = []       # the graph buffers holding the new layers' maps
+        self.param_attributes: dict[int, str] = {}  # layer index -> the graph buffer holding its maps
 
     def match(self, gm, node):
         if node.target is not SDPA:
@@ -110,7 +110,7 @@ class LinearizeAttention(Rule):
                 batch = gu.shape(q)[0]
                 bias = key_padding.bias_rows(insert, m.values["mask_source"], batch)
                 key_mask = insert(aten.gt.Scalar, (bias, MASKED))
-            params = self._params(gm, node, q, k)
+            params = self._params(gm, node, q, k, m.values["index"])
             kwargs = {"key_mask": key_mask, "feature_map": o.feature_map, "params": params,
                       "causal": m.values["causal"], "seed": o.seed, "scale": scale,
                       "num_features": o.num_features, "power": o.power}
@@ -122,7 +122,7 @@ class LinearizeAttention(Rule):
         gm.graph.erase_node(node)
         self.layers.append(f"{m.values['index']}:{node.name}")
 
-    def _params(self, gm, node, q, k):
+    def _params(self, gm, node, q, k, index):
         o = self.options
         head_dim = gu.shape(q)[-1]
         if o.feature_map == "favor":
@@ -134,7 +134,7 @@ class LinearizeAttention(Rule):
             if maps is None:
                 maps = la.hedgehog_init(heads, head_dim, o.num_features or None, kv_heads)
             constant = add_constant(gm, f"{node.name}_hedgehog", maps, before=node)
-            self.param_attributes.append(constant.target)
+            self.param_attributes[index] = constant.target
             return constant
         return None
 
@@ -162,6 +162,7 @@ class AttentionToLinear(Pass):
         lr: float = 0.01
         finetune_steps: int = 0   # then every converted layer's maps together, on the graph's outputs
         finetune_lr: float = 0.001
+        maps: typing.Optional[str] = None   # a file: written after calibrating, read instead of it
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -174,6 +175,8 @@ class AttentionToLinear(Pass):
                               "use feature_map='hedgehog' (the other maps have nothing to learn)")
         if o.calibrate is not None and not o.calibrate:
             raise OptionError("attention_to_linear: calibrate needs at least one batch of inputs")
+        if o.maps is not None and o.feature_map != "hedgehog":
+            raise OptionError("attention_to_linear: maps holds calibrated Hedgehog maps; use feature_map='hedgehog'")
         if o.finetune_steps and o.calibrate is None:
             raise OptionError("attention_to_linear: finetune_steps trains on the calibration batches; "
                               "give calibrate=[batches] too")
@@ -217,10 +220,15 @@ class AttentionToLinear(Pass):
         order = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.target is SDPA)}
         rule = LinearizeAttention(self.options, order)
         calibration, targets = self._calibrate(gm, rule, order) if self.options.calibrate is not None else ([], None)
+        if self.options.maps and self.options.calibrate is None:
+            chosen = {index: node for node, index in order.items() if isinstance(rule.match(gm, node), Match)}
+            rule.trained = transfer.load_maps(self.options.maps, chosen)
         stats = apply_rules(gm, [rule])
         stats["calibration"] = calibration
         if self.options.finetune_steps and rule.param_attributes:
-            stats["finetune"] = self._finetune(gm, rule.param_attributes, targets)
+            stats["finetune"] = self._finetune(gm, list(rule.param_attributes.values()), targets)
+        if self.options.maps and self.options.calibrate is not None:
+            stats["maps_saved"] = transfer.save_maps(self.options.maps, gm, rule.param_attributes)
         stats["layers"] = rule.layers
         total = len(order)
         if total == 0:
@@ -235,6 +243,10 @@ class AttentionToLinear(Pass):
             after = sum(c["error_after"] for c in calibration) / len(calibration)
             stats["message"] += (f"; calibrated on {len(self.options.calibrate)} batches, layer output error "
                                  f"{before:.3f} -> {after:.3f} (mean relative RMS)")
+        if "maps_saved" in stats:
+            stats["message"] += f"; maps written to {stats['maps_saved']}"
+        elif self.options.maps:
+            stats["message"] += f"; calibrated maps read from {self.options.maps}"
         if "finetune" in stats:
             stats["message"] += (f"; fine-tuned together {self.options.finetune_steps} steps, graph output error "
                                  f"{stats['finetune']['error_before']:.3f} -> {stats['finetune']['error_after']:.3f}")

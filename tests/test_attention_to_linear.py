@@ -177,3 +177,24 @@ def test_finetune_trains_every_layer_together_on_the_graph_outputs():
     assert len(maps) == 2 and not any(getattr(gm, n.target).requires_grad for n in maps)
     with pytest.raises(OptionError, match="finetune_steps trains on the calibration batches"):
         linearize(model, (batches[0][0],), feature_map="hedgehog", finetune_steps=5)
+
+
+def test_calibrated_maps_are_saved_and_load_back_without_calibrating(tmp_path):
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10).eval()
+    batches = [(torch.randn(2, 3, 32, 32),)]
+    path = tmp_path / "maps.pt"
+    x = torch.randn(2, 3, 32, 32)
+    trained, out, record = linearize(model, (x,), feature_map="hedgehog", calibrate=batches, steps=10, lr=0.03,
+                                     maps=str(path))
+    assert path.exists() and f"maps written to {path}" in record.message
+    reloaded, again, record = linearize(model, (x,), feature_map="hedgehog", maps=str(path))
+    assert "read from" in record.message and not record.stats["calibration"]
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+    with pytest.raises(OptionError, match="does not exist; calibrate once"):
+        linearize(model, (x,), feature_map="hedgehog", maps=str(tmp_path / "missing.pt"))
+    deeper = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=2, num_classes=10)
+    with pytest.raises(OptionError, match="no maps for attention layer 2"):
+        linearize(deeper, (x,), feature_map="hedgehog", maps=str(path))
+    with pytest.raises(OptionError, match="maps holds calibrated Hedgehog maps"):
+        linearize(model, (x,), feature_map="elu1", maps=str(path))
