@@ -20,6 +20,12 @@ Selection: ``layers`` (indices among the SDPA nodes in graph order; default ever
 and ``min_tokens`` (only where the keys number more than that: linear attention pays off
 on long sequences). Approximate: never runs unless named; the report gives the output
 change.
+
+Calibration (``hedgehog`` only; ``_attention_transfer``): ``calibrate=[batches]`` trains each
+converted layer's maps alone to reproduce its softmax output (``steps``, ``lr``: layer-wise
+attention transfer); ``finetune_steps`` (``finetune_lr``) then trains all of them together so
+the graph's outputs match the softmax graph's; ``maps="file.pt"`` writes the result after
+calibrating and, without ``calibrate``, reads it back instead.
 """
 
 from __future__ import annotations
