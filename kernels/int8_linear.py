@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils.flop_counter
 
+from optcc.onnx_io.common import register_onnx_translation
+
 from .int8_cpu import choose, quantize_rows_int8
 from .int8_quantize import int8_linear_reference, outlier_columns, quantize_rows, quantize_weight
 
@@ -156,6 +158,54 @@ _lib.impl("int8_linear", _int8_linear, "CompositeExplicitAutograd")
 torch.library.register_fake("optcc::int8_linear", _int8_linear_fake, lib=_lib)
 
 int8_linear = torch.ops.optcc.int8_linear.default
+
+
+
+# ----------------------------------------------------------------------------------------
+# ONNX: the same formulas in standard ops
+
+
+def _int8_linear_onnx(x, weight, weight_scale, bias, threshold, weight_only, name, cpu_kernel="auto"):
+    """``optcc::int8_linear`` as standard ONNX, per-row semantics kept.
+
+    ONNX's ``DynamicQuantizeLinear`` quantizes a whole tensor with one asymmetric uint8
+    scale; LLM.int8() scales each row. So the row quantization is written out (``ReduceMax``
+    of ``|X_in|``, ``Mul`` by the reciprocal, ``Round`` - halves to even, as here - and a
+    cast to int8) and only the integer GEMM is ONNX's ``MatMulInteger`` (int8 x int8 ->
+    int32, exact). Outlier columns are found at run time as here and multiplied in fp32
+    through ``Compress`` on both operands."""
+    from onnxscript import opset18 as op
+
+    float32, int8 = 1, 3  # onnx.TensorProto.FLOAT, INT8
+    rows = op.Reshape(op.Cast(x, to=float32), op.Concat(op.Constant(value_ints=[-1]), op.Shape(x, start=-1), axis=0))
+    dequantized = op.Mul(op.Cast(weight, to=float32), op.Unsqueeze(weight_scale, op.Constant(value_ints=[1])))
+    if weight_only:
+        y = op.MatMul(rows, op.Transpose(dequantized, perm=[1, 0]))
+    else:
+        decompose = threshold is not None and threshold > 0
+        quantized_part = rows
+        if decompose:
+            column_max = op.ReduceMax(op.Abs(rows), op.Constant(value_ints=[0]), keepdims=0)
+            outliers = op.GreaterOrEqual(column_max, op.Constant(value_float=float(threshold)))
+            quantized_part = op.Where(outliers, op.Constant(value_float=0.0), rows)
+        row_max = op.ReduceMax(op.Abs(quantized_part), op.Constant(value_ints=[1]), keepdims=1)
+        row_scale = op.Div(row_max, op.Constant(value_float=127.0))
+        safe_scale = op.Where(op.Greater(row_scale, op.Constant(value_float=0.0)), row_scale,
+                              op.Constant(value_float=1.0))
+        xq = op.Cast(op.Round(op.Mul(quantized_part, op.Reciprocal(safe_scale))), to=int8)
+        accumulated = op.MatMulInteger(xq, op.Transpose(weight, perm=[1, 0]))
+        y = op.Mul(op.Mul(op.Cast(accumulated, to=float32), row_scale), weight_scale)
+        if decompose:
+            outlier_rows = op.Compress(rows, outliers, axis=1)
+            outlier_weight = op.Compress(dequantized, outliers, axis=1)
+            y = op.Add(y, op.MatMul(outlier_rows, op.Transpose(outlier_weight, perm=[1, 0])))
+    if bias is not None:
+        y = op.Add(y, op.Cast(bias, to=float32))
+    shape = op.Concat(op.Shape(x, start=0, end=-1), op.Shape(weight, start=0, end=1), axis=0)
+    return op.CastLike(op.Reshape(y, shape), x)
+
+
+register_onnx_translation(int8_linear, _int8_linear_onnx)
 
 
 @torch.utils.flop_counter.register_flop_formula(torch.ops.optcc.int8_linear)

@@ -21,7 +21,9 @@ named, never computed some other way.
 
 Write: :func:`export_onnx` writes a compiled model's rewritten graph (or any module) with
 ``torch.onnx.export(..., dynamo=True, optimize=False)``: the file holds optcc's graph op
-for op, so what the passes did is what the file computes.
+for op, so what the passes did is what the file computes. optcc's own ops are written as
+standard ONNX (translations registered by the modules that define them,
+:data:`~optcc.onnx_io.common.ONNX_TRANSLATIONS`), so ONNX Runtime runs the file as is.
 
 Files are only parsed as protobuf: reading an ONNX file runs no code from it.
 """
@@ -31,6 +33,6 @@ from __future__ import annotations
 from .common import EXPORT_HINT, OnnxError
 from .ops import HANDLERS, SUPPORTED_OPS
 from .reader import OnnxModule, load_onnx, read_onnx
-from .writer import export_onnx
+from .writer import export_onnx, onnx_text
 
-__all__ = ["EXPORT_HINT", "HANDLERS", "SUPPORTED_OPS", "OnnxError", "OnnxModule", "export_onnx", "load_onnx", "read_onnx"]
+__all__ = ["EXPORT_HINT", "HANDLERS", "SUPPORTED_OPS", "OnnxError", "OnnxModule", "export_onnx", "load_onnx", "onnx_text", "read_onnx"]

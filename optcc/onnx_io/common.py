@@ -21,3 +21,15 @@ def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
+
+
+# optcc's own ops as standard ONNX: the module that defines an op registers the onnxscript
+# function that writes it (``torch.onnx.export``'s ``custom_translation_table``), so a file
+# optcc writes runs in ONNX Runtime with no custom-op library.
+ONNX_TRANSLATIONS: dict = {}
+
+
+def register_onnx_translation(op, translation) -> None:
+    """Write every ``op`` node (an ``OpOverload``) as ``translation(*args)``, a function of
+    onnxscript values and the node's non-tensor arguments, traced by ``torch.onnx.export``."""
+    ONNX_TRANSLATIONS[op] = translation

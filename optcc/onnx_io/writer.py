@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 
 from ..ir import placeholder_inputs
-from .common import OnnxError, first_line, require_onnx
+from .common import ONNX_TRANSLATIONS, OnnxError, first_line, require_onnx
 
 
 def _standard_ops(gm: fx.GraphModule) -> fx.GraphModule:
@@ -62,10 +62,25 @@ def export_onnx(model: Any, path: str | Path, example_inputs: Any = None) -> Pat
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(model, tuple(example_inputs), dynamo=True, optimize=False,
-                                        verbose=False, report=False)
+                                        verbose=False, report=False,
+                                        custom_translation_table=dict(ONNX_TRANSLATIONS))
             program.save(str(path))
     except Exception as exc:
         raise OnnxError(f"torch.onnx.export could not write the model: {type(exc).__name__}: "
                         f"{first_line(exc)}") from exc
     onnx.checker.check_model(onnx.load(str(path)))
     return path
+
+
+def onnx_text(model) -> str:
+    """The ONNX text form (``onnx.printer``) of ``model`` (a ``ModelProto`` or a path) with
+    each initializer shown as a typed graph input instead of its values: what the graph
+    computes, readable and stable enough to diff."""
+    onnx = require_onnx()
+    proto = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
+    graph = onnx.GraphProto()
+    graph.CopyFrom(proto.graph)
+    for tensor in graph.initializer:
+        graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    del graph.initializer[:]
+    return onnx.printer.to_text(graph) + "\n"
