@@ -173,14 +173,16 @@ def _int8_linear_onnx(x, weight, weight_scale, bias, threshold, weight_only, nam
     of ``|X_in|``, ``Mul`` by the reciprocal, ``Round`` - halves to even, as here - and a
     cast to int8) and only the integer GEMM is ONNX's ``MatMulInteger`` (int8 x int8 ->
     int32, exact). Outlier columns are found at run time as here and multiplied in fp32
-    through ``Compress`` on both operands."""
+    through ``Compress`` on both operands. (With ``weight_only`` ONNX Runtime folds the
+    dequantized weight into an fp32 constant when it loads the file: the file stays int8,
+    the memory at run time does not.)"""
     from onnxscript import opset18 as op
 
     float32, int8 = 1, 3  # onnx.TensorProto.FLOAT, INT8
     rows = op.Reshape(op.Cast(x, to=float32), op.Concat(op.Constant(value_ints=[-1]), op.Shape(x, start=-1), axis=0))
-    dequantized = op.Mul(op.Cast(weight, to=float32), op.Unsqueeze(weight_scale, op.Constant(value_ints=[1])))
+    column_scale = op.Unsqueeze(weight_scale, op.Constant(value_ints=[1]))
     if weight_only:
-        y = op.MatMul(rows, op.Transpose(dequantized, perm=[1, 0]))
+        y = op.MatMul(rows, op.Transpose(op.Mul(op.Cast(weight, to=float32), column_scale), perm=[1, 0]))
     else:
         decompose = threshold is not None and threshold > 0
         quantized_part = rows
@@ -197,7 +199,8 @@ def _int8_linear_onnx(x, weight, weight_scale, bias, threshold, weight_only, nam
         y = op.Mul(op.Mul(op.Cast(accumulated, to=float32), row_scale), weight_scale)
         if decompose:
             outlier_rows = op.Compress(rows, outliers, axis=1)
-            outlier_weight = op.Compress(dequantized, outliers, axis=1)
+            # only the outlier columns are dequantized, so no fp32 copy of the weight exists
+            outlier_weight = op.Mul(op.Cast(op.Compress(weight, outliers, axis=1), to=float32), column_scale)
             y = op.Add(y, op.MatMul(outlier_rows, op.Transpose(outlier_weight, perm=[1, 0])))
     if bias is not None:
         y = op.Add(y, op.Cast(bias, to=float32))

@@ -4,6 +4,7 @@
     optcc dump MODEL [--passes a,b] [--after-each] [--explain] [--format text|dot|svg|html|onnx|pt2|triton] [--out DIR]
     optcc bench MODEL [--passes a,b] [--runs N] [--batch N] [--targets eager,optcc-eager]
     optcc export MODEL [--passes a,b] --out model.onnx
+    optcc opt in.onnx -o out.onnx [--passes a,b] [--dim NAME=SIZE]
     optcc tune MODEL --passes a,b --budget METRIC:MAX_DROP [--data FILE.pt] [--objective latency|flops] [--out DIR]
     optcc demo
 
@@ -220,7 +221,77 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ir.CaptureError(f"{args.model} could not be captured, so there is no optimized graph to export "
                               f"({compiled.report.notes[0]})")
     print(compiled.report.render(), file=sys.stderr)
-    export_onnx(compiled, out, ir.flat_inputs(compiled.graph_module, inputs))
+    export_onnx(compiled, out, ir.flat_inputs(compiled.graph_module, inputs), fold=True)
+    print(out)
+    return 0
+
+
+def _symbolic_dims(proto) -> list[tuple[str, int, str]]:
+    """``(input, axis, name)`` of every dimension of the graph's inputs without a fixed size."""
+    initializers = {t.name for t in proto.graph.initializer}
+    found = []
+    for value in proto.graph.input:
+        if value.name in initializers:
+            continue
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if not dim.HasField("dim_value"):
+                found.append((value.name, axis, dim.dim_param or "?"))
+    return found
+
+
+def _parse_dims(items: Sequence[str] | None) -> dict[str, int]:
+    dims = {}
+    for item in items or []:
+        name, sep, size = item.partition("=")
+        if not sep or not name or not size.isdigit() or int(size) < 1:
+            raise UsageError(f"--dim takes NAME=SIZE with a positive SIZE, e.g. --dim sequence=128 (got '{item}')")
+        dims[name] = int(size)
+    return dims
+
+
+def cmd_opt(args: argparse.Namespace) -> int:
+    """ONNX to ONNX: read, capture, run the passes (verified), write with the original's
+    input/output names and metadata."""
+    from .onnx_io import export_onnx, read_onnx
+    from .onnx_io.reader import OnnxModule
+
+    source, out = Path(args.model), Path(args.out)
+    if source.suffix.lower() != ".onnx" or out.suffix.lower() != ".onnx":
+        raise UsageError(f"optcc opt reads and writes ONNX files: optcc opt in.onnx -o out.onnx "
+                         f"(got '{args.model}' and '{args.out}')")
+    if out.resolve() == source.resolve():
+        raise UsageError(f"-o {args.out} is the input file; write the optimized model to another path")
+    start = time.perf_counter()
+
+    def stage(text: str) -> None:
+        print(f"[{time.perf_counter() - start:7.1f} s] {text}", file=sys.stderr, flush=True)
+
+    dims = _parse_dims(args.dim)
+    proto = read_onnx(source)
+    stage(f"read {source}: {len(proto.graph.node)} nodes, opset "
+          f"{max((o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx')), default='?')}")
+    module = OnnxModule(proto, source=str(source))
+    inputs = module.example_inputs(dims, 1, args.batch)
+    fixed = [(name, axis, dim) for name, axis, dim in _symbolic_dims(proto)]
+    if fixed:
+        sizes = {name: x.shape for name, x in zip(module.input_names, inputs)}
+        listed = ", ".join(f"{dim}={sizes[name][axis]} ({name}, axis {axis})" for name, axis, dim in fixed)
+        warnings.warn(f"optcc: {out} has static shapes: {listed} (optcc's graphs are captured at fixed sizes; "
+                      f"choose them with --dim NAME=SIZE or --batch N)")
+    passes = parse_passes(args.passes)
+    names = ", ".join(p.name for p in (default_passes() if passes is None else passes)) or "none"
+    stage(f"capturing and running passes: {names}")
+    compiled = optcc_compile(module, passes, example_inputs=inputs, target="eager", verify=True)
+    if compiled.graph_module is None:
+        raise ir.CaptureError(f"{source} could not be captured, so there is no optimized graph to write "
+                              f"({compiled.report.notes[0]})")
+    print(compiled.report.render(), file=sys.stderr)
+    stage(f"writing {out}")
+    note = f"optimized by optcc with passes: {names}"
+    export_onnx(compiled, out, ir.flat_inputs(compiled.graph_module, inputs), like=proto, note=note, fold=True)
+    import onnx
+
+    stage(f"wrote {out}: {len(onnx.load(str(out), load_external_data=False).graph.node)} nodes")
     print(out)
     return 0
 
@@ -362,6 +433,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE.onnx", required=True, help="the ONNX file to write")
     p.add_argument("--batch", type=int, help="batch size for demo, timm: and ONNX models")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("opt", parents=[common], help="optimize an ONNX file into another ONNX file",
+                       description="Read IN.onnx, run the passes (verified on example inputs) and write OUT.onnx "
+                                   "with the original's input and output names and metadata.")
+    p.add_argument("model", metavar="IN.onnx", help="the ONNX file to optimize")
+    p.add_argument("-o", "--out", metavar="OUT.onnx", required=True, help="the ONNX file to write")
+    p.add_argument("--passes", help=passes_help)
+    p.add_argument("--batch", type=int, help="size of the inputs' first symbolic dimension (default 1)")
+    p.add_argument("--dim", action="append", metavar="NAME=SIZE",
+                   help="size of the symbolic dimension NAME (repeatable; default 1)")
+    p.set_defaults(func=cmd_opt)
 
     p = sub.add_parser("tune", parents=[common], help="choose the approximate passes' settings within an accuracy budget",
                        description="Search the per-layer settings of the approximate passes named in --passes for "

@@ -172,6 +172,50 @@ def test_cli_export_writes_an_optimized_onnx_file(tmp_path, capsys):
         assert output_error([model(x)], [torch.from_numpy(ort_run(out_file, x)[0])]) <= 1e-5
 
 
+def test_cli_opt_keeps_names_and_metadata_and_says_shapes_became_static(tmp_path, capsys):
+    torch.manual_seed(0)
+    model, x = randomize_bn(ConvBNNet()).eval(), torch.randn(2, 3, 8, 8)
+    source = tmp_path / "named.onnx"
+    torch.onnx.export(model, (x,), dynamo=True, optimize=False, verbose=False, report=False,
+                      input_names=["image"], output_names=["scores"],
+                      dynamic_shapes={"x": {0: torch.export.Dim("batch")}}).save(str(source))
+    proto = onnx.load(str(source))
+    helper.set_model_props(proto, {"author": "someone"})
+    proto.doc_string = "a conv net"
+    onnx.save(proto, str(source))
+
+    out = tmp_path / "opt.onnx"
+    assert main(["opt", str(source), "-o", str(out), "--passes", "bn_reparam", "--batch", "2"]) == 0
+    printed, err = capsys.readouterr()
+    assert printed.strip() == str(out)
+    assert "has static shapes: batch=2 (image, axis 0)" in err and "wrote" in err
+    written = onnx.load(str(out))
+    assert [i.name for i in written.graph.input] == ["image"]
+    assert [o.name for o in written.graph.output] == ["scores"]
+    assert written.doc_string == "a conv net"
+    props = {p.key: p.value for p in written.metadata_props}
+    assert props["author"] == "someone" and "bn_reparam" in props["optcc"]
+    assert not any(n.op_type == "BatchNormalization" for n in written.graph.node)
+    assert not any(n.op_type == "Constant" for n in written.graph.node)  # shape arithmetic folded
+    (expected,) = ort_run(source, x)
+    (got,) = ort_run(out, x)
+    assert output_error([torch.from_numpy(expected)], [torch.from_numpy(got)]) <= 1e-5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["opt", "IN", "-o", "IN"], "is the input file"),
+    (["opt", "IN", "-o", "out.txt"], "reads and writes ONNX files"),
+    (["opt", "IN", "-o", "OUT", "--dim", "batch"], "--dim takes NAME=SIZE"),
+    (["opt", "IN", "-o", "OUT", "--dim", "batch=0"], "--dim takes NAME=SIZE"),
+])
+def test_cli_opt_usage_errors(net_and_onnx, tmp_path, capsys, argv, message):
+    _, _, path = net_and_onnx
+    argv = [str(path) if a == "IN" else str(tmp_path / "out.onnx") if a == "OUT" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("optcc: error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
 # ----------------------------------------------------------------------------------------
 # Bad files: one clear error each (OnnxError from the API, exit status 2 from the CLI)
 
