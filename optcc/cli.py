@@ -249,6 +249,18 @@ def _parse_dims(items: Sequence[str] | None) -> dict[str, int]:
     return dims
 
 
+def _parse_shapes(items: Sequence[str] | None) -> dict[str, list[int]]:
+    shapes = {}
+    for item in items or []:
+        name, sep, text = item.rpartition("=")
+        sizes = text.replace("x", ",").split(",")
+        if not sep or not name or not all(size.isdigit() and int(size) > 0 for size in sizes):
+            raise UsageError(f"--shape takes INPUT=D0,D1,... with positive sizes, e.g. --shape x=1,3,48,320 "
+                             f"(got '{item}')")
+        shapes[name] = [int(size) for size in sizes]
+    return shapes
+
+
 def cmd_opt(args: argparse.Namespace) -> int:
     """ONNX to ONNX: read, capture, run the passes (verified), write with the original's
     input/output names and metadata."""
@@ -266,18 +278,18 @@ def cmd_opt(args: argparse.Namespace) -> int:
     def stage(text: str) -> None:
         print(f"[{time.perf_counter() - start:7.1f} s] {text}", file=sys.stderr, flush=True)
 
-    dims = _parse_dims(args.dim)
+    dims, shapes = _parse_dims(args.dim), _parse_shapes(args.shape)
     proto = read_onnx(source)
     stage(f"read {source}: {len(proto.graph.node)} nodes, opset "
           f"{max((o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx')), default='?')}")
     module = OnnxModule(proto, source=str(source))
-    inputs = module.example_inputs(dims, 1, args.batch)
+    inputs = module.example_inputs(dims, 1, args.batch, shapes)
     fixed = [(name, axis, dim) for name, axis, dim in _symbolic_dims(proto)]
     if fixed:
         sizes = {name: x.shape for name, x in zip(module.input_names, inputs)}
         listed = ", ".join(f"{dim}={sizes[name][axis]} ({name}, axis {axis})" for name, axis, dim in fixed)
         warnings.warn(f"optcc: {out} has static shapes: {listed} (optcc's graphs are captured at fixed sizes; "
-                      f"choose them with --dim NAME=SIZE or --batch N)")
+                      f"choose them with --shape, --dim or --batch)")
     passes = parse_passes(args.passes)
     names = ", ".join(p.name for p in (default_passes() if passes is None else passes)) or "none"
     stage(f"capturing and running passes: {names}")
@@ -443,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="size of the inputs' first symbolic dimension (default 1)")
     p.add_argument("--dim", action="append", metavar="NAME=SIZE",
                    help="size of the symbolic dimension NAME (repeatable; default 1)")
+    p.add_argument("--shape", action="append", metavar="INPUT=D0,D1,...",
+                   help="the whole shape of input INPUT, for dimensions without a name (repeatable)")
     p.set_defaults(func=cmd_opt)
 
     p = sub.add_parser("tune", parents=[common], help="choose the approximate passes' settings within an accuracy budget",

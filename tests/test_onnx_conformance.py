@@ -253,6 +253,29 @@ NODE_CASES = [
      1, {"spatial": 0}),
     ("ReduceMean", (2, 3, 4), 18, (np.zeros(0, np.int64),), 1, {"noop_with_empty_axes": 1}),
     ("LayerNormalization", (2, 3, 4), 17, (_f32(np.full(4, 1.5)),), 1, {"axis": -2}),
+    # Resize: the settings that are one of torch's interpolations, by sizes (up and down) or scales
+    *[("Resize", (1, 2, 5, 6), 13, (None, None, _i64(*size)), 1, {"mode": mode, **attrs})
+      for size in ((1, 2, 8, 9), (1, 2, 3, 4), (1, 2, 7, 2))
+      for mode, attrs in (("nearest", {"coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}),
+                          ("nearest", {"nearest_mode": "round_prefer_ceil"}),
+                          ("linear", {}), ("linear", {"coordinate_transformation_mode": "align_corners"}),
+                          ("linear", {"coordinate_transformation_mode": "pytorch_half_pixel"}),
+                          ("cubic", {}), ("cubic", {"coordinate_transformation_mode": "align_corners"}))],
+    *[("Resize", (1, 2, 5, 6), 13, (None, _f32([1, 1, *scale])), 1, {"mode": mode, **attrs})
+      for scale in ((2.0, 1.5), (0.6, 1.7))
+      for mode, attrs in (("nearest", {"coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}),
+                          ("linear", {}), ("cubic", {}))],
+    ("Resize", (1, 2, 5, 6), 11, (_f32([]), _f32([1, 1, 2, 2])), 1,
+     {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}),
+    ("Resize", (1, 2, 7), 19, (None, None, _i64(1, 2, 12)), 1, {"mode": "linear"}),
+    # GatherElements / GatherND with negative indices and batch_dims
+    ("GatherElements", (3, 4), 13, (_i64(0, -1, 2, 1, 3, 0).reshape(3, 2),), 1, {"axis": 1}),
+    ("GatherElements", (3, 4), 13, (_i64(2, -1, 0, 1).reshape(1, 4),), 1, {}),
+    ("GatherND", (2, 3, 4), 13, (_i64(0, 1, 1, -1, 1, 2).reshape(3, 2),), 1, {}),
+    ("GatherND", (2, 3, 4), 13, (_i64(1, 0).reshape(2, 1),), 1, {}),
+    ("GatherND", (2, 3, 4), 13, (_i64(2, 0, -1, 3).reshape(2, 1, 2),), 1, {"batch_dims": 1}),
+    ("GatherND", (2, 3, 4), 12, (_i64(1, 0, 2, 1).reshape(2, 2),), 1, {"batch_dims": 1}),
+    ("Resize", (1, 1, 3, 4, 5), 19, (None, None, _i64(1, 1, 5, 3, 7)), 1, {"mode": "linear"}),
 ]
 
 
@@ -265,6 +288,15 @@ def test_node_matches_onnxruntime(op, shape, opset, constants, outputs, attrs):
     assert len(got) == len(expected)
     for i, (g, e) in enumerate(zip(got, expected)):
         assert_close(g, e, f"{op} (opset {opset}) {attrs} output {i}")
+
+
+@pytest.mark.parametrize("op,attrs", [("IsNaN", {}), ("IsInf", {}), ("IsInf", {"detect_negative": 0}),
+                                      ("IsInf", {"detect_positive": 0}), ("Floor", {}), ("Ceil", {}), ("Round", {})])
+def test_special_values_and_halves(op, attrs):
+    """NaN, infinities and exact halves (Round: to even), which random inputs never hit."""
+    x = _f32([np.nan, np.inf, -np.inf, 0.5, 1.5, -2.5, 2.4, -0.7, 3.0, -np.inf, np.nan, 2.5]).reshape(3, 4)
+    got, expected = _run_both(_node_model(op, (3, 4), 20, **attrs), x)
+    np.testing.assert_array_equal(got[0], expected[0])
 
 
 def test_lrn_even_size_follows_the_spec():
@@ -351,6 +383,17 @@ REFUSALS = [
      r"LayerNormalization \(opset 17\): output 1 is not supported"),
     (_node_model("Cast", (2, 2), 21, to=TensorProto.FLOAT8E4M3FN), r"Cast \(opset 21\): cast to FLOAT8E4M3FN"),
     (_node_model("Gelu", (2, 2), 20, approximate="erf"), r"Gelu \(opset 20\): approximate='erf'"),
+    (_node_model("Resize", (1, 2, 4, 4), 13, (None, None, _i64(1, 2, 8, 8))),
+     r"Resize \(opset 13\): mode='nearest' with coordinate_transformation_mode='half_pixel' and "
+     r"nearest_mode='round_prefer_floor' is not supported"),
+    (_node_model("Resize", (1, 2, 4, 4), 13, (None, None, _i64(1, 2, 8, 8)), mode="cubic", cubic_coeff_a=-0.5),
+     r"Resize \(opset 13\): cubic with cubic_coeff_a other than -0.75"),
+    (_node_model("Resize", (1, 2, 4, 4), 18, (None, None, _i64(1, 2, 2, 2)), mode="linear", antialias=1),
+     r"Resize \(opset 18\): antialias=1 is not supported"),
+    (_node_model("Resize", (1, 2, 4, 4), 13, (_f32([0, 0, 0, 0, 1, 1, 1, 1]), None, _i64(1, 2, 2, 2)),
+                 mode="linear", coordinate_transformation_mode="tf_crop_and_resize"),
+     r"Resize \(opset 13\): mode='linear' with coordinate_transformation_mode='tf_crop_and_resize'"),
+    (_node_model("Resize", (1, 2, 4, 4), 10, (_f32([1, 1, 2, 2]),)), r"Resize \(opset 10\): version 10 of the op"),
 ]
 
 

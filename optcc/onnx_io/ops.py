@@ -185,6 +185,40 @@ def _gather(attrs: dict, data: Value, indices: Value) -> Value:
         *data.shape[:axis % data.dim()], *index.shape, *data.shape[axis % data.dim() + 1:])
 
 
+
+def _wrapped(index, size):
+    return index + size * (index < 0)
+
+
+def _gather_elements(attrs: dict, data: Value, indices: Value) -> Value:
+    axis = attrs.get("axis", 0) % _rank(data)
+    if is_static(data) and is_static(indices):
+        return np.take_along_axis(data, _wrapped(np.asarray(indices, dtype=np.int64), np.shape(data)[axis]), axis)
+    data, index = as_tensor(data), as_tensor(indices).long()
+    return torch.gather(data, axis, _wrapped(index, data.shape[axis]))
+
+
+def _gather_nd(attrs: dict, data: Value, indices: Value) -> Value:
+    """GatherND: the last axis of ``indices`` indexes the leading axes of ``data`` after the
+    first ``batch_dims`` axes, which both share."""
+    batch_dims = attrs.get("batch_dims", 0)
+    static = is_static(data) and is_static(indices)
+    lib = np if static else torch
+    data = data if static else as_tensor(data)
+    index = np.asarray(indices, dtype=np.int64) if static else as_tensor(indices).long()
+    data_shape, index_shape = tuple(data.shape), tuple(index.shape)
+    depth = index_shape[-1]
+    if depth > len(data_shape) - batch_dims:
+        raise OnnxError(f"GatherND indexes {depth} axes of a rank-{len(data_shape)} tensor after "
+                        f"{batch_dims} batch axes")
+    batch = int(np.prod(data_shape[:batch_dims], dtype=np.int64)) if batch_dims else 1
+    flat_data = data.reshape(batch, *data_shape[batch_dims:])
+    flat_index = index.reshape(batch, -1, depth)
+    rows = lib.arange(batch).reshape(batch, 1)
+    picks = tuple(_wrapped(flat_index[..., j], data_shape[batch_dims + j]) for j in range(depth))
+    gathered = flat_data[(rows, *picks)]
+    return gathered.reshape(*index_shape[:-1], *data_shape[batch_dims + depth:])
+
 def _slice(attrs: dict, x: Value, starts: Value = None, ends: Value = None, axes: Value = None,
            steps: Value = None) -> Value:
     if starts is None:  # opset 1: starts, ends and axes are attributes
@@ -563,6 +597,15 @@ def _prelu(attrs: dict, x: Value, slope: Value) -> Value:
     return torch.where(x < 0, x * slope, x)
 
 
+
+def _is_inf(attrs: dict, x: Value) -> Value:
+    negative, positive = attrs.get("detect_negative", 1), attrs.get("detect_positive", 1)
+    lib, values = (np, x) if is_static(x) else (torch, as_tensor(x))
+    found = (lib.isinf(values) & (values > 0)) if positive else lib.zeros_like(values, dtype=bool)
+    if negative:
+        found = found | (lib.isinf(values) & (values < 0))
+    return found
+
 def _selu(attrs: dict, x: Value) -> Value:
     alpha = attrs.get("alpha", 1.67326319217681884765625)
     gamma = attrs.get("gamma", 1.05070102214813232421875)
@@ -636,6 +679,67 @@ def _pad(attrs: dict, x: Value, pads: Value = None, value: Value = None, axes: V
         x = x.index_select(i, torch.from_numpy(index.astype(np.int64)))
     return x
 
+
+
+# Resize settings that are exactly one of torch's interpolations (checked against ONNX
+# Runtime): (mode, coordinate_transformation_mode, nearest_mode) -> (torch mode, align_corners).
+# Both sides read outside the input as its edge value.
+_RESIZE_MODES = {
+    ("nearest", "asymmetric", "floor"): ("nearest", None),  # src = floor(dst / scale)
+    ("nearest", "half_pixel", "round_prefer_ceil"): ("nearest-exact", None),  # floor((dst + 0.5) / scale)
+    ("linear", "half_pixel", None): ("linear", False),
+    ("linear", "pytorch_half_pixel", None): ("linear", False),  # the same unless an output size is 1
+    ("linear", "align_corners", None): ("linear", True),
+    ("cubic", "half_pixel", None): ("bicubic", False),  # Keys' cubic with a = -0.75, as torch's
+    ("cubic", "align_corners", None): ("bicubic", True),
+}
+_LINEAR_BY_RANK = {3: "linear", 4: "bilinear", 5: "trilinear"}
+
+
+def _resize_setting(attrs: dict) -> tuple:
+    mode = _text(attrs.get("mode", "nearest"))
+    coordinates = _text(attrs.get("coordinate_transformation_mode", "half_pixel"))
+    nearest = _text(attrs.get("nearest_mode", "round_prefer_floor")) if mode == "nearest" else None
+    return mode, coordinates, nearest
+
+
+def _resize(attrs: dict, x: Value, roi: Value = None, scales: Value = None, sizes: Value = None) -> Value:
+    """Resize (opset 11 on) as ``F.interpolate``: nearest, linear and cubic in the settings of
+    :data:`_RESIZE_MODES`; the batch and channel dimensions unchanged; sizes, or scales
+    used as given (``recompute_scale_factor=False``: the scale ONNX uses)."""
+    x = as_tensor(x)
+    torch_mode, align_corners = _RESIZE_MODES[_resize_setting(attrs)]
+    rank, shape = x.dim(), tuple(x.shape)
+    have_sizes = sizes is not None and np.size(sizes) > 0
+    have_scales = scales is not None and np.size(scales) > 0
+    if have_sizes == have_scales:
+        raise OnnxError("Resize needs exactly one of scales and sizes")
+    if have_sizes:
+        size = _ints(sizes, "Resize's sizes")
+        factors = None
+        if len(size) != rank or tuple(size[:2]) != shape[:2]:
+            raise OnnxError(f"Resize to {size} changes the batch or channel dimension of {list(shape)} "
+                            "(only spatial dimensions are supported)")
+        spatial = size[2:]
+    else:
+        if not is_static(scales):
+            raise OnnxError("Resize's scales must be known when the model is traced")
+        factors = [float(v) for v in np.asarray(scales).reshape(-1)]
+        if len(factors) != rank or factors[:2] != [1.0, 1.0]:
+            raise OnnxError(f"Resize by scales {factors} changes the batch or channel dimension "
+                            "(only spatial dimensions are supported)")
+        spatial = [int(math.floor(n * f)) for n, f in zip(shape[2:], factors[2:])]
+    if not 1 <= rank - 2 <= 3 or (torch_mode == "bicubic" and rank != 4):
+        raise OnnxError(f"Resize ({_text(attrs.get('mode', 'nearest'))}) of a rank-{rank} tensor is not supported")
+    if _resize_setting(attrs)[1] == "pytorch_half_pixel" and 1 in spatial:
+        raise OnnxError("Resize with coordinate_transformation_mode='pytorch_half_pixel' to an output size of 1 "
+                        "is not supported")
+    if torch_mode == "linear":
+        torch_mode = _LINEAR_BY_RANK[rank]
+    options = {} if align_corners is None else {"align_corners": align_corners}
+    if factors is None:
+        return F.interpolate(x, size=spatial, mode=torch_mode, **options)
+    return F.interpolate(x, scale_factor=factors[2:], mode=torch_mode, recompute_scale_factor=False, **options)
 
 def _variadic(torch_fn: Callable, np_fn: Callable) -> Callable:
     def op(attrs: dict, *args: Value) -> Value:
@@ -751,6 +855,21 @@ def _check_pad(attrs: dict, version: int, used: Sequence[bool]) -> list[str]:
     return [] if mode in ("constant", "reflect", "edge", "wrap") else [f"mode={mode!r} is not supported"]
 
 
+def _check_resize(attrs: dict, version: int, used: Sequence[bool]) -> list[str]:
+    found = []
+    mode, coordinates, nearest = _resize_setting(attrs)
+    if (mode, coordinates, nearest) not in _RESIZE_MODES:
+        setting = f"mode={mode!r} with coordinate_transformation_mode={coordinates!r}"
+        found.append(setting + (f" and nearest_mode={nearest!r}" if nearest else "") + " is not supported")
+    if mode == "cubic" and (attrs.get("cubic_coeff_a", -0.75) != -0.75 or attrs.get("exclude_outside", 0)):
+        found.append("cubic with cubic_coeff_a other than -0.75 or exclude_outside=1 is not supported")
+    if attrs.get("antialias", 0):
+        found.append("antialias=1 is not supported")
+    if _text(attrs.get("keep_aspect_ratio_policy", "stretch")) != "stretch":
+        found.append(f"keep_aspect_ratio_policy={_text(attrs['keep_aspect_ratio_policy'])!r} is not supported")
+    return found
+
+
 def _check_gelu(attrs: dict, version: int, used: Sequence[bool]) -> list[str]:
     mode = _text(attrs.get("approximate", "none"))
     return [] if mode in ("none", "tanh") else [f"approximate={mode!r} is not supported"]
@@ -772,6 +891,10 @@ SPECS: dict[str, OpSpec] = {
     "And": _spec(_binary(np.logical_and, torch.logical_and), _BROADCAST),
     "Or": _spec(_binary(np.logical_or, torch.logical_or), _BROADCAST),
     "Not": _spec(_elementwise(np.logical_not, torch.logical_not)),
+    "IsNaN": _spec(_elementwise(np.isnan, torch.isnan)),
+    "IsInf": _spec(_is_inf, "detect_negative detect_positive"),
+    "Floor": _spec(_elementwise(np.floor, torch.floor), _LEGACY), "Ceil": _spec(_elementwise(np.ceil, torch.ceil), _LEGACY),
+    "Round": _spec(_elementwise(np.round, torch.round)),  # both round halves to even, as ONNX
     "Neg": _spec(_elementwise(np.negative, torch.neg), _LEGACY), "Abs": _spec(_elementwise(np.abs, torch.abs), _LEGACY),
     "Sqrt": _spec(_elementwise(np.sqrt, torch.sqrt), _LEGACY), "Sign": _spec(_elementwise(np.sign, torch.sign)),
     "Reciprocal": _spec(_elementwise(np.reciprocal, torch.reciprocal), _LEGACY),
@@ -814,9 +937,13 @@ SPECS: dict[str, OpSpec] = {
     "Transpose": _spec(_transpose, "perm"), "Flatten": _spec(_flatten, "axis"),
     "Squeeze": _spec(_squeeze, "axes", static=(1,)), "Unsqueeze": _spec(_unsqueeze, "axes", static=(1,)),
     "Concat": _spec(_concat, "axis"), "Slice": _spec(_slice, "axes ends starts", static=(1, 2, 3, 4)),
-    "Gather": _spec(_gather, "axis"), "Split": _spec(_split, "axis num_outputs split", outputs=-1, static=(1,)),
+    "Gather": _spec(_gather, "axis"), "GatherElements": _spec(_gather_elements, "axis"),
+    "GatherND": _spec(_gather_nd, "batch_dims", since=11), "Split": _spec(_split, "axis num_outputs split", outputs=-1, static=(1,)),
     "Expand": _spec(_expand, static=(1,)), "Tile": _spec(_tile, static=(1,), since=6),
     "Pad": _spec(_pad, "mode pads value", static=(1, 2, 3), since=2, check=_check_pad),
+    "Resize": _spec(_resize, "mode coordinate_transformation_mode nearest_mode cubic_coeff_a exclude_outside "
+                    "extrapolation_value antialias keep_aspect_ratio_policy", static=(1, 2, 3), since=11,
+                    check=_check_resize),
     "Shape": _spec(_shape, "end start"), "Size": _spec(
         lambda attrs, x: np.array(int(np.prod(_shape_of(x))), dtype=np.int64)),
     "Cast": _spec(_cast, "round_mode saturate to", check=_check_cast),

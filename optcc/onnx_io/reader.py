@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -220,7 +220,10 @@ class OnnxModule(nn.Module):
 
     def _store_constant(self, name: str, value: Value) -> None:
         """Floating constants become buffers (frozen constants the passes can fold); integer
-        and boolean ones stay numpy arrays, read while tracing (shapes, axes, indices)."""
+        and boolean ones stay numpy arrays, read while tracing (shapes, axes, indices), also
+        when folding computed them as tensors (``Cast(Pow(2.0, 4.0), to=INT64)`` in a shape)."""
+        if isinstance(value, torch.Tensor) and not value.is_floating_point():
+            value = value.detach().numpy().copy()
         if isinstance(value, torch.Tensor) or np.issubdtype(value.dtype, np.floating):
             array = value.detach().numpy() if isinstance(value, torch.Tensor) else value
             self._add_buffer(name, array)
@@ -286,14 +289,29 @@ class OnnxModule(nn.Module):
         if missing:
             raise OnnxError(f"{self.source}: graph output '{missing[0]}' is never computed; {EXPORT_HINT}")
 
-    def example_inputs(self, dims: dict[str, int], default_dim: int = 1,
-                       batch: int | None = None) -> tuple[torch.Tensor, ...]:
+    def example_inputs(self, dims: dict[str, int], default_dim: int = 1, batch: int | None = None,
+                       shapes: dict[str, Sequence[int]] | None = None) -> tuple[torch.Tensor, ...]:
+        """Random inputs of the graph's shapes. A symbolic dimension takes ``batch`` (the first
+        axis), else its size in ``dims``, else ``default_dim``; ``shapes`` gives an input's whole
+        shape by name (for dimensions without a name), checked against its fixed sizes."""
+        shapes = dict(shapes or {})
+        unknown = sorted(set(shapes) - set(self.input_names))
+        if unknown:
+            raise OnnxError(f"{self.source} has no input {unknown[0]!r}; its inputs are {', '.join(self.input_names)}")
         inputs = []
         for spec in self.input_specs:
             ttype = spec.type.tensor_type
             shape = [d.dim_value if d.HasField("dim_value")
                      else batch if i == 0 and batch is not None else dims.get(d.dim_param, default_dim)
                      for i, d in enumerate(ttype.shape.dim)]
+            if spec.name in shapes:
+                given = list(shapes[spec.name])
+                fixed = [d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim]
+                if len(given) != len(fixed) or any(f is not None and f != g for f, g in zip(fixed, given)):
+                    shown = "x".join(str(f) if f is not None else "?" for f in fixed)
+                    raise OnnxError(f"input {spec.name!r} of {self.source} has shape {shown}; "
+                                    f"{'x'.join(map(str, given))} does not fit it")
+                shape = given
             dtype = torch_dtype(ttype.elem_type)
             if dtype.is_floating_point:
                 inputs.append(torch.randn(shape, dtype=dtype))

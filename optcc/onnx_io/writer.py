@@ -39,8 +39,9 @@ def export_onnx(model: Any, path: str | Path, example_inputs: Any = None, *, lik
     model the graph was read from, a ``ModelProto`` or a path) gives the file that model's
     input and output names and its metadata; ``note`` is recorded as the metadata entry
     ``optcc`` (what was done to it). ``fold`` runs the exporter's ONNX optimizer (constant
-    folding - shape arithmetic, weight transposes - and dead-node removal), for a file to
-    deploy; without it the file is optcc's graph op for op, for reading what passes did.
+    folding - shape arithmetic, weight transposes - and dead-node removal) and then
+    onnxscript's default rewrite rules (transposes that cancel, reshape chains), for a file
+    to deploy; without it the file is optcc's graph op for op, for reading what passes did.
     """
     from optcc.compiler import OptimizedModule
 
@@ -75,11 +76,22 @@ def export_onnx(model: Any, path: str | Path, example_inputs: Any = None, *, lik
         raise OnnxError(f"torch.onnx.export could not write the model: {type(exc).__name__}: "
                         f"{first_line(exc)}") from exc
     written = onnx.load(str(path))
-    if like is not None or note:
+    if fold:
+        written = _cleaned(written)
+    if like is not None or note or fold:
         keep_interface(written, onnx.load(str(like)) if isinstance(like, (str, Path)) else like, note)
         onnx.save(written, str(path))
     onnx.checker.check_model(written)
     return path
+
+
+def _cleaned(model):
+    """onnxscript's default rewrite rules, then its optimizer again for what they expose:
+    the exporter translates op by op, so ops of neighbouring translations that cancel (a
+    transpose undoing the previous one, two reshapes in a row) are left to this."""
+    from onnxscript import optimizer, rewriter
+
+    return optimizer.optimize(rewriter.rewrite(model))
 
 
 def keep_interface(written, original, note: str | None = None) -> None:
