@@ -96,9 +96,14 @@ def _same_labels(a: torch.Tensor | None, b: torch.Tensor) -> bool:
 
 
 def _scalar_factor(node: fx.Node) -> float | None:
-    """``c`` when ``node`` is ``x * c`` or ``x / c`` with a Python number ``c``."""
+    """``c`` when ``node`` is ``x * c`` or ``x / c`` with a Python number ``c`` or a frozen
+    one-element tensor (ONNX files hold the scale as a constant) that leaves the shape and
+    dtype of ``x`` as they are."""
     if node.target in _SCALE_OPS and len(node.args) == 2:
-        c = gu.number(node.args[1])
+        c = gu.scalar_value(node.graph.owning_module, node.args[1])
+        if isinstance(node.args[1], fx.Node) and (
+                gu.shape(node) != gu.shape(node.args[0]) or gu.dtype(node) != gu.dtype(node.args[0])):
+            return None
         if c is not None and c != 0:
             return _SCALE_OPS[node.target](c)
     return None

@@ -54,6 +54,17 @@ class ScaledQuery(QKV):  # timm's fused_attn=False: q is scaled before the matmu
         return self.merge(a.softmax(dim=-1) @ v)
 
 
+class ScaledByConstantTensor(QKV):  # as ONNX files write it: q and k^T each times a stored sqrt(scale)
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("root_scale", torch.tensor(D**-0.25))
+
+    def forward(self, x):
+        q, k, v = self.heads(x)
+        a = (q * self.root_scale) @ (k.transpose(-2, -1) * self.root_scale)
+        return self.merge(a.softmax(dim=-1) @ v)
+
+
 class DivSqrt(QKV):
     def forward(self, x):
         q, k, v = self.heads(x)
@@ -132,6 +143,8 @@ def _padding():
 IDIOMS = [
     ("matmul_scale", MatmulScale, lambda: (_x(),), (None, False), D**-0.5),
     ("scaled_query", ScaledQuery, lambda: (_x(),), (None, False), D**-0.5),
+    ("scaled_by_constant_tensor", ScaledByConstantTensor, lambda: (_x(),), (None, False),
+     float(torch.tensor(D**-0.25)) ** 2),
     ("matmul_div_sqrt", DivSqrt, lambda: (_x(),), (None, False), 1 / math.sqrt(D)),
     ("einsum_causal_buffer", EinsumCausal, lambda: (_x(),), (None, True), 1 / math.sqrt(D)),
     ("additive_mask_input", AdditiveMask, lambda: (_x(), torch.randn(B, 1, L, L)), ("mask", False), D**-0.5),
