@@ -89,14 +89,16 @@ class MeanPooledEncoder(torch.nn.Module):
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
-def tokenize(tokenizer, texts: Sequence[str], batch_size: int = 24) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``texts`` as ``(input_ids, attention_mask)`` batches, all padded to one shape.
+def tokenize(tokenizer, texts: Sequence[str], batch_size: int = 24,
+             length: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``texts`` as ``(input_ids, attention_mask)`` batches, all padded to one shape: the
+    longest text's, or ``length`` tokens (longer texts truncated).
 
     The last batch is filled up with repeats of the first sentences, so every batch has
     ``batch_size`` rows; :func:`embed` drops them again.
     """
     texts = list(texts)
-    length = max(len(ids) for ids in tokenizer(texts)["input_ids"])
+    length = length or max(len(ids) for ids in tokenizer(texts)["input_ids"])
     filler = (-len(texts)) % batch_size
     padded = texts + texts[:filler]
     batches = []

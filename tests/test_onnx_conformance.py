@@ -268,6 +268,33 @@ NODE_CASES = [
     ("Resize", (1, 2, 5, 6), 11, (_f32([]), _f32([1, 1, 2, 2])), 1,
      {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}),
     ("Resize", (1, 2, 7), 19, (None, None, _i64(1, 2, 12)), 1, {"mode": "linear"}),
+    # reductions beyond the four basic ones, axes as an attribute (13) and as an input (18)
+    *[(op, (2, 3, 4), opset, (_i64(1, -1),) if opset == 18 else (), 1, {} if opset == 18 else {"axes": [1, -1]})
+      for op in ("ReduceProd", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp") for opset in (13, 18)],
+    ("ReduceL2", (2, 3, 4), 18, (), 1, {"keepdims": 0}),
+    # order and index ops (random values: no ties; ties are checked below)
+    *[(op, (3, 4), 13, (), 1, attrs) for op in ("ArgMax", "ArgMin")
+      for attrs in ({}, {"axis": 1, "keepdims": 0}, {"axis": -1, "select_last_index": 1})],
+    *[("CumSum", (3, 4), 14, (_i64(axis),), 1, attrs) for axis in (0, -1)
+      for attrs in ({}, {"exclusive": 1}, {"reverse": 1}, {"exclusive": 1, "reverse": 1})],
+    *[("TopK", (3, 5), 11, (_i64(2),), 2, attrs) for attrs in ({}, {"largest": 0}, {"axis": 0})],
+    *[("Trilu", (3, 4), 14, k, 1, attrs) for k in ((), (_i64(1),), (_i64(-1),)) for attrs in ({}, {"upper": 0})],
+    ("Einsum", (2, 3, 4), 12, (_f32(_RNG.standard_normal((4, 5))),), 1, {"equation": "bij,jk->bik"}),
+    ("Einsum", (2, 3, 4), 12, (), 1, {"equation": "bij->bji"}),
+    ("ScatterElements", (3, 4), 18, (_i64(2, 0, 1, 0, 1, 2, 0, 1).reshape(2, 4), _f32(_RNG.standard_normal((2, 4)))),
+     1, {"axis": 0}),
+    *[("ScatterElements", (3, 4), 18, (_i64(1, 1, 3, 0, 1, 1).reshape(3, 2), _f32(_RNG.standard_normal((3, 2)))),
+       1, {"axis": 1, "reduction": reduction}) for reduction in ("add", "mul", "max", "min")],
+    ("ScatterND", (4, 3), 18, (_i64(1, -1).reshape(2, 1), _f32(_RNG.standard_normal((2, 3)))), 1, {}),
+    ("ScatterND", (4, 3), 18, (_i64(1, 2, 1, 2, 0, 0).reshape(3, 2), _f32(_RNG.standard_normal(3))), 1,
+     {"reduction": "add"}),
+    ("DepthToSpace", (1, 8, 2, 3), 13, (), 1, {"blocksize": 2}),
+    ("DepthToSpace", (1, 8, 2, 3), 13, (), 1, {"blocksize": 2, "mode": "CRD"}),
+    ("SpaceToDepth", (1, 2, 4, 6), 13, (), 1, {"blocksize": 2}),
+    ("Mean", (3, 4), 13, (_f32(_RNG.standard_normal((3, 4))), _f32(_RNG.standard_normal(4))), 1, {}),
+    ("ThresholdedRelu", (3, 4), 10, (), 1, {"alpha": 0.3}),
+    ("Mod", (3, 4), 13, (_f32(_RNG.uniform(0.5, 2.0, (3, 4)) * np.sign(_RNG.standard_normal((3, 4)))),), 1,
+     {"fmod": 1}),
     # GatherElements / GatherND with negative indices and batch_dims
     ("GatherElements", (3, 4), 13, (_i64(0, -1, 2, 1, 3, 0).reshape(3, 2),), 1, {"axis": 1}),
     ("GatherElements", (3, 4), 13, (_i64(2, -1, 0, 1).reshape(1, 4),), 1, {}),
@@ -297,6 +324,32 @@ def test_special_values_and_halves(op, attrs):
     x = _f32([np.nan, np.inf, -np.inf, 0.5, 1.5, -2.5, 2.4, -0.7, 3.0, -np.inf, np.nan, 2.5]).reshape(3, 4)
     got, expected = _run_both(_node_model(op, (3, 4), 20, **attrs), x)
     np.testing.assert_array_equal(got[0], expected[0])
+
+
+@pytest.mark.parametrize("op,low,high", [("Tan", -1.2, 1.2), ("Asin", -0.95, 0.95), ("Acos", -0.95, 0.95),
+                                         ("Atan", -3, 3), ("Sinh", -3, 3), ("Cosh", -3, 3), ("Asinh", -3, 3),
+                                         ("Acosh", 1.0, 4.0), ("Atanh", -0.95, 0.95)])
+def test_trigonometric_ops_on_their_domain(op, low, high):
+    x = _f32(np.random.default_rng(2).uniform(low, high, (3, 4)))
+    got, expected = _run_both(_node_model(op, (3, 4), 13), x)
+    assert_close(got[0], expected[0], op)
+
+
+def test_reduce_log_sum_of_positive_values():
+    x = _f32(np.random.default_rng(3).uniform(0.1, 2.0, (2, 3, 4)))
+    got, expected = _run_both(_node_model("ReduceLogSum", (2, 3, 4), 18, (_i64(1),)), x)
+    assert_close(got[0], expected[0], "ReduceLogSum")
+
+
+@pytest.mark.parametrize("op,attrs", [("ArgMax", {}), ("ArgMax", {"select_last_index": 1}), ("ArgMin", {}),
+                                      ("ArgMin", {"select_last_index": 1}), ("TopK", {}), ("TopK", {"largest": 0})])
+def test_ties_pick_the_index_onnx_names(op, attrs):
+    """ArgMax/ArgMin: the first extreme index unless select_last_index; TopK: lower index first."""
+    x = _f32([[1, 3, 3, 0, 3], [2, 2, 2, 2, 2], [0, -1, 5, -1, 5]])
+    constants, outputs = ((_i64(3),), 2) if op == "TopK" else ((), 1)
+    got, expected = _run_both(_node_model(op, x.shape, 13, constants, outputs, **({"axis": 1} | attrs)), x)
+    for g, e in zip(got, expected):
+        assert_close(g, e, f"{op} {attrs}")
 
 
 def test_lrn_even_size_follows_the_spec():
@@ -406,7 +459,7 @@ def test_what_cannot_be_honoured_is_refused(model, message):
 
 
 def test_one_refusal_names_every_op_and_setting():
-    nodes = [helper.make_node("Einsum", ["x", "x"], ["a"], equation="ij,jk->ik"),
+    nodes = [helper.make_node("Det", ["x"], ["a"]),
              helper.make_node("AveragePool", ["a"], ["b"], kernel_shape=[1], dilations=[2]),
              helper.make_node("Upsample", ["b", "s"], ["c"]),
              helper.make_node("Expand", ["c", "x_shape"], ["y"])]
@@ -419,7 +472,7 @@ def test_one_refusal_names_every_op_and_setting():
         OnnxModule(model)
     message = str(info.value)
     assert len(message.splitlines()) == 1
-    assert "cannot import: Einsum, Upsample; and op settings it cannot honour: " in message
+    assert "cannot import: Det, Upsample; and op settings it cannot honour: " in message
     assert "AveragePool (opset 9): dilations=[2] is not supported" in message
     assert "Expand (opset 9): input 1 ('x_shape') is computed from the graph inputs' values" in message
 

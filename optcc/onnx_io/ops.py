@@ -741,6 +741,130 @@ def _resize(attrs: dict, x: Value, roi: Value = None, scales: Value = None, size
         return F.interpolate(x, size=spatial, mode=torch_mode, **options)
     return F.interpolate(x, scale_factor=factors[2:], mode=torch_mode, recompute_scale_factor=False, **options)
 
+
+# ----------------------------------------------------------------------------------------
+# Index, order and layout ops
+
+
+def _arg_extreme(largest: bool) -> Callable:
+    """ArgMax / ArgMin: the first index of the extreme value, or the last with
+    ``select_last_index=1``."""
+
+    def op(attrs: dict, x: Value) -> Value:
+        x = as_tensor(x)
+        axis, keep = attrs.get("axis", 0) % max(x.dim(), 1), bool(attrs.get("keepdims", 1))
+        last = bool(attrs.get("select_last_index", 0))
+        data = x.flip(axis) if last else x
+        # torch.argmax/argmin return the first extreme index on CPU, as ONNX asks
+        index = (data.argmax if largest else data.argmin)(axis, keepdim=keep)
+        return x.shape[axis] - 1 - index if last else index
+
+    return op
+
+
+def _cumsum(attrs: dict, x: Value, axis: Value) -> Value:
+    x = as_tensor(x)
+    dim = _ints(axis, "CumSum's axis")[0] % x.dim()
+    data = x.flip(dim) if attrs.get("reverse", 0) else x
+    out = torch.cumsum(data, dim)
+    if attrs.get("exclusive", 0):
+        out = out - data
+    return out.flip(dim) if attrs.get("reverse", 0) else out
+
+
+def _depth_to_space(attrs: dict, x: Value) -> Value:
+    x, size = as_tensor(x), attrs["blocksize"]
+    b, c, h, w = x.shape
+    if _text(attrs.get("mode", "DCR")) == "CRD":
+        return F.pixel_shuffle(x, size)
+    y = x.reshape(b, size, size, c // size ** 2, h, w).permute(0, 3, 4, 1, 5, 2)
+    return y.reshape(b, c // size ** 2, h * size, w * size)
+
+
+def _space_to_depth(attrs: dict, x: Value) -> Value:
+    x, size = as_tensor(x), attrs["blocksize"]
+    b, c, h, w = x.shape
+    y = x.reshape(b, c, h // size, size, w // size, size).permute(0, 3, 5, 1, 2, 4)
+    return y.reshape(b, c * size ** 2, h // size, w // size)
+
+
+def _top_k(attrs: dict, x: Value, k: Value) -> Value:
+    """TopK as a stable sort: ties keep the lower index first, as ONNX specifies (torch.topk
+    does not promise an order among equal values)."""
+    x = as_tensor(x)
+    count = _ints(k, "TopK's k")[0]
+    axis = attrs.get("axis", -1) % x.dim()
+    values, indices = torch.sort(x, dim=axis, descending=bool(attrs.get("largest", 1)), stable=True)
+    return values.narrow(axis, 0, count), indices.narrow(axis, 0, count)
+
+
+def _trilu(attrs: dict, x: Value, k: Value = None) -> Value:
+    diagonal = _ints(k, "Trilu's k")[0] if k is not None else 0
+    x = as_tensor(x)
+    return torch.triu(x, diagonal) if attrs.get("upper", 1) else torch.tril(x, diagonal)
+
+
+def _one_hot(attrs: dict, indices: Value, depth: Value, values: Value) -> Value:
+    size = int(np.asarray(depth).reshape(-1)[0]) if is_static(depth) else None
+    if size is None:
+        raise OnnxError("OneHot's depth must be known when the model is traced")
+    index = as_tensor(indices).long()
+    index = torch.where(index < 0, index + size, index)
+    valid = (index >= 0) & (index < size)
+    hot = F.one_hot(torch.where(valid, index, torch.zeros_like(index)), size) * valid.unsqueeze(-1)
+    axis = attrs.get("axis", -1) % (index.dim() + 1)
+    hot = hot.movedim(-1, axis).bool()
+    off_on = as_tensor(values)
+    return torch.where(hot, off_on[1], off_on[0])
+
+
+_SCATTER_REDUCE = {"add": "sum", "mul": "prod", "max": "amax", "min": "amin"}
+
+
+def _scatter_elements(attrs: dict, data: Value, indices: Value, updates: Value) -> Value:
+    data, updates = as_tensor(data), as_tensor(updates)
+    axis = attrs.get("axis", 0) % data.dim()
+    index = as_tensor(indices).long()
+    index = torch.where(index < 0, index + data.shape[axis], index)
+    reduction = _text(attrs.get("reduction", "none"))
+    if reduction == "none":
+        return data.scatter(axis, index, updates)
+    return data.scatter_reduce(axis, index, updates, _SCATTER_REDUCE[reduction], include_self=True)
+
+
+def _scatter_nd(attrs: dict, data: Value, indices: Value, updates: Value) -> Value:
+    data, updates = as_tensor(data), as_tensor(updates)
+    index = as_tensor(indices).long()
+    depth = index.shape[-1]
+    picks = tuple(_wrapped(index[..., j], data.shape[j]) for j in range(depth))
+    accumulate = _text(attrs.get("reduction", "none")) == "add"
+    return data.index_put(picks, updates, accumulate=accumulate)
+
+
+def _check_scatter(attrs: dict, version: int, used: Sequence[bool]) -> list[str]:
+    reduction = _text(attrs.get("reduction", "none"))
+    return [] if reduction in ("none", *_SCATTER_REDUCE) else [f"reduction={reduction!r} is not supported"]
+
+
+def _check_scatter_nd(attrs: dict, version: int, used: Sequence[bool]) -> list[str]:
+    reduction = _text(attrs.get("reduction", "none"))
+    return [] if reduction in ("none", "add") else [f"reduction={reduction!r} is not supported"]
+
+
+def _mod(attrs: dict, a: Value, b: Value) -> Value:
+    """fmod=0: the remainder takes the divisor's sign (integers); fmod=1: C's fmod."""
+    fmod = attrs.get("fmod", 0)
+    if is_static(a) and is_static(b):
+        return np.fmod(a, b) if fmod else np.mod(a, b)
+    return (torch.fmod if fmod else torch.remainder)(as_tensor(a), as_tensor(b))
+
+
+
+def _reduce_prod(x: torch.Tensor, axes: Sequence[int], keep: bool) -> torch.Tensor:
+    for axis in sorted((a % x.dim() for a in axes), reverse=True):
+        x = x.prod(axis, keepdim=keep)
+    return x
+
 def _variadic(torch_fn: Callable, np_fn: Callable) -> Callable:
     def op(attrs: dict, *args: Value) -> Value:
         if all(map(is_static, args)):
@@ -891,6 +1015,15 @@ SPECS: dict[str, OpSpec] = {
     "And": _spec(_binary(np.logical_and, torch.logical_and), _BROADCAST),
     "Or": _spec(_binary(np.logical_or, torch.logical_or), _BROADCAST),
     "Not": _spec(_elementwise(np.logical_not, torch.logical_not)),
+    "Xor": _spec(_binary(np.logical_xor, torch.logical_xor), _BROADCAST),
+    "Mod": _spec(_mod, "fmod"),
+    "Mean": _spec(lambda attrs, *xs: _variadic(torch.add, np.add)(attrs, *xs) / len(xs)),
+    "ThresholdedRelu": _spec(lambda attrs, x: torch.where(as_tensor(x) > attrs.get("alpha", 1.0), as_tensor(x),
+                                                          torch.zeros_like(as_tensor(x))), "alpha"),
+    **{name: _spec(_elementwise(np_fn, torch_fn)) for name, np_fn, torch_fn in (
+        ("Tan", np.tan, torch.tan), ("Asin", np.arcsin, torch.asin), ("Acos", np.arccos, torch.acos),
+        ("Atan", np.arctan, torch.atan), ("Sinh", np.sinh, torch.sinh), ("Cosh", np.cosh, torch.cosh),
+        ("Asinh", np.arcsinh, torch.asinh), ("Acosh", np.arccosh, torch.acosh), ("Atanh", np.arctanh, torch.atanh))},
     "IsNaN": _spec(_elementwise(np.isnan, torch.isnan)),
     "IsInf": _spec(_is_inf, "detect_negative detect_positive"),
     "Floor": _spec(_elementwise(np.floor, torch.floor), _LEGACY), "Ceil": _spec(_elementwise(np.ceil, torch.ceil), _LEGACY),
@@ -932,6 +1065,28 @@ SPECS: dict[str, OpSpec] = {
     "ReduceSum": _spec(_reduce(torch.sum, np.sum), "axes keepdims noop_with_empty_axes", static=(1,)),
     "ReduceMax": _spec(_reduce(torch.amax, np.max), "axes keepdims noop_with_empty_axes", static=(1,)),
     "ReduceMin": _spec(_reduce(torch.amin, np.min), "axes keepdims noop_with_empty_axes", static=(1,)),
+    "ReduceProd": _spec(_reduce(_reduce_prod, np.prod), "axes keepdims noop_with_empty_axes", static=(1,)),
+    "ReduceL1": _spec(_reduce(lambda x, a, k: x.abs().sum(a, k), lambda x, axis, keepdims: np.abs(x).sum(
+        axis=axis, keepdims=keepdims)), "axes keepdims noop_with_empty_axes", static=(1,)),
+    "ReduceL2": _spec(_reduce(lambda x, a, k: x.square().sum(a, k).sqrt(), lambda x, axis, keepdims: np.sqrt(
+        np.square(x).sum(axis=axis, keepdims=keepdims))), "axes keepdims noop_with_empty_axes", static=(1,)),
+    "ReduceSumSquare": _spec(_reduce(lambda x, a, k: x.square().sum(a, k), lambda x, axis, keepdims: np.square(
+        x).sum(axis=axis, keepdims=keepdims)), "axes keepdims noop_with_empty_axes", static=(1,)),
+    "ReduceLogSum": _spec(_reduce(lambda x, a, k: x.sum(a, k).log(), lambda x, axis, keepdims: np.log(
+        x.sum(axis=axis, keepdims=keepdims))), "axes keepdims noop_with_empty_axes", static=(1,)),
+    "ReduceLogSumExp": _spec(_reduce(torch.logsumexp, lambda x, axis, keepdims: np.log(np.exp(x).sum(
+        axis=axis, keepdims=keepdims))), "axes keepdims noop_with_empty_axes", static=(1,)),
+    "ArgMax": _spec(_arg_extreme(True), "axis keepdims select_last_index"),
+    "ArgMin": _spec(_arg_extreme(False), "axis keepdims select_last_index"),
+    "CumSum": _spec(_cumsum, "exclusive reverse", static=(1,)),
+    "TopK": _spec(_top_k, "axis largest sorted", outputs=2, static=(1,), since=10),
+    "Trilu": _spec(_trilu, "upper", static=(1,)),
+    "OneHot": _spec(_one_hot, "axis", static=(1,)),
+    "Einsum": _spec(lambda attrs, *xs: torch.einsum(_text(attrs["equation"]), *map(as_tensor, xs)), "equation"),
+    "ScatterElements": _spec(_scatter_elements, "axis reduction", check=_check_scatter),
+    "ScatterND": _spec(_scatter_nd, "reduction", check=_check_scatter_nd),
+    "DepthToSpace": _spec(_depth_to_space, "blocksize mode"),
+    "SpaceToDepth": _spec(_space_to_depth, "blocksize"),
     # shapes and data movement
     "Reshape": _spec(_reshape, f"allowzero shape {_LEGACY}", static=(1,)),
     "Transpose": _spec(_transpose, "perm"), "Flatten": _spec(_flatten, "axis"),
