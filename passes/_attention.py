@@ -12,7 +12,10 @@ which equals ``scaled_dot_product_attention(Q, K, V, attn_mask=M', dropout_p=0,
 is_causal=False, scale=s * s_q * s_k)`` with ``M' = M`` for an additive mask,
 ``M' = not C`` (boolean) for a ``-inf`` fill and ``M' = where(C, f, 0)`` for a finite
 fill. Where a ``-inf`` fill can mask a whole row, the original's softmax gives NaN for
-that query and SDPA gives 0, so the NaN is put back: ``where(all(C, -1), nan, O)``. The softmax is the rule's anchor; the match is legal only when
+that query and SDPA gives 0, so the NaN is put back: ``where(all(C, -1), nan, O)`` -
+unless the probabilities are ``where(isnan(P), 0, P)`` (what torch.onnx writes after a
+masked softmax, as torch's SDPA does), which is SDPA's 0. The softmax is the rule's anchor;
+the match is legal only when
 
 * the softmax runs over the key axis (the last one),
 * every intermediate (scores, scaled scores, probabilities) has exactly one user — a
@@ -189,10 +192,12 @@ class AttentionFromMatmuls(Rule):
                 return mask
 
         # From the probabilities to the second bmm.
-        p_moves = gu.walk_down(softmax, through=_MOVE).chain
-        if len(softmax.users) != 1:
+        guard = _nan_guard(gm, softmax)
+        probabilities = guard if guard is not None else softmax
+        p_moves = gu.walk_down(probabilities, through=_MOVE).chain
+        if guard is None and len(softmax.users) != 1:
             return NoMatch("the attention probabilities are used elsewhere")
-        last = p_moves[-1] if p_moves else softmax
+        last = p_moves[-1] if p_moves else probabilities
         users = list(last.users)
         if len(users) != 1 or users[0].target is not BMM or users[0].args[0] is not last:
             return NoMatch("the probabilities do not feed a bmm with the values")
@@ -222,7 +227,7 @@ class AttentionFromMatmuls(Rule):
         return Match(
             nodes={"softmax": softmax, "out_mm": out_mm, "replaced": replaced, "q_arg": q_arg, "kt_arg": kt_arg, "v_arg": v_arg},
             values={"q": q, "k": k, "v": v, "scale": scale, "mask": mask, "batch": batch,
-                    "dims": (bh, length, keys, head_dim, value_dim)},
+                    "dims": (bh, length, keys, head_dim, value_dim), "nan_guard": guard is not None},
         )
 
     @staticmethod
@@ -297,13 +302,29 @@ class AttentionFromMatmuls(Rule):
                     attn_mask = insert_call(graph, aten.where.self, args)
             scale = m.values["scale"] * q_scale * k_scale
             out = insert_call(graph, SDPA, (q, k, v, attn_mask, 0.0, False), {"scale": scale})
-            if all_masked is not None:
+            if all_masked is not None and not m.values["nan_guard"]:
                 # softmax of a row of -inf is NaN in the original; SDPA returns 0 there.
                 nan = insert_call(graph, aten.scalar_tensor.default, (math.nan,), {"dtype": dtype})
                 out = insert_call(graph, aten.where.self, (all_masked, nan, out))
             if gu.shape(replaced) != gu.shape(out):
                 out = insert_call(graph, aten.reshape.default, (out, list(gu.shape(replaced))))
         replaced.replace_all_uses_with(out)
+
+
+def _nan_guard(gm: fx.GraphModule, softmax: fx.Node) -> fx.Node | None:
+    """The ``where(isnan(P), 0, P)`` node on the probabilities ``P``, or None. torch.onnx
+    writes it after every masked softmax: torch's SDPA gives 0 for a query that sees no key
+    (the NaN of a softmax over -inf only), and so does the SDPA node that replaces both."""
+    users = list(softmax.users)
+    isnan = next((u for u in users if u.target is aten.isnan.default), None)
+    where = next((u for u in users if u.target is aten.where.self), None)
+    if len(users) != 2 or isnan is None or where is None or len(isnan.users) != 1:
+        return None
+    if where.args[0] is not isnan or where.args[2] is not softmax or gu.scalar_value(gm, where.args[1]) != 0.0:
+        return None
+    if gu.shape(where) != gu.shape(softmax) or gu.dtype(where) != gu.dtype(softmax):
+        return None
+    return where
 
 
 def _every_row_keeps_a_key(gm: fx.GraphModule, cond: fx.Node, keep: bool) -> bool:

@@ -99,6 +99,13 @@ class MaskedFillInf(QKV):
         return self.merge(a.softmax(-1) @ v)
 
 
+class NanGuarded(QKV):  # torch.onnx's form: queries that see no key get 0, as from torch's SDPA
+    def forward(self, x, padding):
+        q, k, v = self.heads(x)
+        p = (q @ k.transpose(-2, -1) * D**-0.5).masked_fill(padding, float("-inf")).softmax(-1)
+        return self.merge(torch.where(torch.isnan(p), 0.0, p) @ v)
+
+
 class MaskedFillFinite(QKV):
     def forward(self, x, padding):
         q, k, v = self.heads(x)
@@ -225,6 +232,20 @@ NEGATIVE = [
 def test_not_attention_is_left_alone(case, factory, inputs, reason):
     gm = assert_left_alone(factory().eval(), inputs(), ATTENTION_ONLY, f"attention: {reason}")
     assert not sdpa_nodes(gm) and count(gm, "aten.softmax.int") == 1
+
+
+def test_nan_guarded_probabilities_become_sdpa_with_its_zero_rows():
+    padding = torch.zeros(B, 1, 1, L, dtype=torch.bool)
+    padding[0] = True  # the first sequence has no key at all: every one of its queries sees none
+    model = NanGuarded().eval()
+    gm, report, _ = run_pipeline(model, (_x(), padding), [ATTENTION_ONLY])
+    assert len(sdpa_nodes(gm)) == 1 and count(gm, "aten.isnan") == 0 and count(gm, "aten.softmax.int") == 0
+    x = _x()
+    with torch.no_grad():
+        expected = model(x, padding)
+        (got,) = gm(x, padding)
+    assert not torch.isnan(expected).any() and not torch.isnan(got).any()
+    torch.testing.assert_close(got, expected)
 
 
 def test_fully_masked_rows_match_eager():
