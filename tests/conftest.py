@@ -13,6 +13,11 @@ import torch  # noqa: E402
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 
+# Under pytest-xdist (make test), each worker process takes its share of the cores, so the
+# workers do not oversubscribe the CPU with torch's intra-op threads.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def pytest_addoption(parser):
     parser.addoption("--update-goldens", action="store_true",

@@ -4,7 +4,7 @@ Every registered exact pass alone, and the default exact pipeline, must reproduc
 outputs (relative error <= 1e-5 in fp32) on random small models, with verification off so
 that rollback cannot hide a wrong rewrite, and without raising.
 
-``OPTCC_FUZZ_EXAMPLES`` sets the number of random models (default 200, which keeps the
+``OPTCC_FUZZ_EXAMPLES`` sets the number of random models (default 120, which keeps the
 suite inside its time budget on the slower AVX2 machines),
 ``OPTCC_FUZZ_MAX_BLOCKS`` their size (default 2 blocks) and ``OPTCC_FUZZ_WORKERS`` the
 number of processes (default: one per core, at most 2); ``make fuzz`` runs many more.
@@ -18,7 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from optcc.testing.fuzz import STATS, run_examples
 
-EXAMPLES = int(os.environ.get("OPTCC_FUZZ_EXAMPLES", "200"))
+EXAMPLES = int(os.environ.get("OPTCC_FUZZ_EXAMPLES", "120"))
 MAX_BLOCKS = int(os.environ.get("OPTCC_FUZZ_MAX_BLOCKS", "2"))
 WORKERS = int(os.environ.get("OPTCC_FUZZ_WORKERS", str(min(2, os.cpu_count() or 1))))
 
