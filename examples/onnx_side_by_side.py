@@ -53,6 +53,7 @@ import torch  # noqa: E402
 
 from optcc.bench import calibrate, load_average, time_interleaved  # noqa: E402
 from optcc.hardware import cpu_summary  # noqa: E402
+from optcc.onnx_io.common import first_line  # noqa: E402
 
 TOOLS = ("original", "onnxslim", "onnxsim", "onnxoptimizer", "ort-offline", "optcc", "optcc+int8")
 MODELS = ("resnet50", "repvgg_a0", "vit_small", "bert_minilm", "ppocr_rec", "dinov2_focus")
@@ -202,7 +203,7 @@ def side_by_side(name: str, work: Path, runs: int, seconds: float) -> list[dict]
             try:
                 convert(tool, source, target, opt_args)
             except Exception as exc:  # a tool that fails on a model is a row that says so
-                failures[tool] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ''}"
+                failures[tool] = f"{type(exc).__name__}: {first_line(exc)[:120]}"
                 say(f"  {tool}: failed ({failures[tool]})")
                 target.unlink(missing_ok=True)
                 continue

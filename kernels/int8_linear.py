@@ -174,8 +174,9 @@ def _int8_linear_onnx(x, weight, weight_scale, bias, threshold, weight_only, nam
     the integer GEMM is ONNX's ``MatMulInteger``, on the sign-split rows as on AVX2 here:
     ``Xq W^T = X+ W^T - X- W^T`` with ``X+, X-`` in [0, 127] as uint8. ONNX Runtime's
     int8 x int8 kernel is exact but 4x slower than fp32 on AVX2, its uint8 x int8 one fast
-    but saturating for full-range uint8; the split is exact with the fast one. Outlier columns are found at run time as here and multiplied in fp32
-    through ``Compress`` on both operands. (With ``weight_only`` ONNX Runtime folds the
+    but saturating for full-range uint8; the split is exact with the fast one. Outlier
+    columns are found at run time as here and multiplied in fp32 through ``Compress`` on
+    both operands. (With ``weight_only`` ONNX Runtime folds the
     dequantized weight into an fp32 constant when it loads the file: the file stays int8,
     the memory at run time does not.)"""
     from onnxscript import opset18 as op

@@ -284,7 +284,7 @@ def cmd_opt(args: argparse.Namespace) -> int:
           f"{max((o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx')), default='?')}")
     module = OnnxModule(proto, source=str(source))
     inputs = module.example_inputs(dims, 1, args.batch, shapes)
-    fixed = [(name, axis, dim) for name, axis, dim in _symbolic_dims(proto)]
+    fixed = _symbolic_dims(proto)
     if fixed:
         sizes = {name: x.shape for name, x in zip(module.input_names, inputs)}
         listed = ", ".join(f"{dim}={sizes[name][axis]} ({name}, axis {axis})" for name, axis, dim in fixed)

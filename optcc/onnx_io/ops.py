@@ -178,7 +178,7 @@ def _gather(attrs: dict, data: Value, indices: Value) -> Value:
     if is_static(indices) and np.ndim(indices) == 0:
         return data.select(axis, int(indices) % data.shape[axis])
     index = as_tensor(indices).long()
-    index = torch.where(index < 0, index + data.shape[axis], index)
+    index = _wrapped(index, data.shape[axis])
     if axis == 0 and data.dim() == 2:
         return F.embedding(index, data)
     return data.index_select(axis, index.reshape(-1)).reshape(
@@ -187,6 +187,7 @@ def _gather(attrs: dict, data: Value, indices: Value) -> Value:
 
 
 def _wrapped(index, size):
+    """Negative ONNX indices count from the end."""
     return index + size * (index < 0)
 
 
@@ -809,7 +810,7 @@ def _one_hot(attrs: dict, indices: Value, depth: Value, values: Value) -> Value:
     if size is None:
         raise OnnxError("OneHot's depth must be known when the model is traced")
     index = as_tensor(indices).long()
-    index = torch.where(index < 0, index + size, index)
+    index = _wrapped(index, size)
     valid = (index >= 0) & (index < size)
     hot = F.one_hot(torch.where(valid, index, torch.zeros_like(index)), size) * valid.unsqueeze(-1)
     axis = attrs.get("axis", -1) % (index.dim() + 1)
@@ -825,7 +826,7 @@ def _scatter_elements(attrs: dict, data: Value, indices: Value, updates: Value) 
     data, updates = as_tensor(data), as_tensor(updates)
     axis = attrs.get("axis", 0) % data.dim()
     index = as_tensor(indices).long()
-    index = torch.where(index < 0, index + data.shape[axis], index)
+    index = _wrapped(index, data.shape[axis])
     reduction = _text(attrs.get("reduction", "none"))
     if reduction == "none":
         return data.scatter(axis, index, updates)

@@ -95,11 +95,11 @@ def _cleaned(model):
 
 
 def keep_interface(written, original, note: str | None = None) -> None:
-    """Give ``written`` the graph input and output names, the metadata (``metadata_props``,
-    doc strings, domain, model version, graph name) of ``original``, in place; ``note`` becomes the metadata entry ``optcc``."""
+    """Give ``written`` the graph input and output names and the metadata (``metadata_props``,
+    doc strings, domain, model version, graph name) of ``original``, in place; ``note``
+    becomes the metadata entry ``optcc``."""
     if original is not None:
         initializers = {t.name for t in original.graph.initializer}
-        renames = {}
         old_inputs = [i.name for i in written.graph.input]
         new_inputs = [i.name for i in original.graph.input if i.name not in initializers]
         old_outputs = [o.name for o in written.graph.output]
@@ -107,8 +107,8 @@ def keep_interface(written, original, note: str | None = None) -> None:
         if len(old_inputs) != len(new_inputs) or len(old_outputs) != len(new_outputs):
             raise OnnxError(f"the optimized graph has {len(old_inputs)} inputs and {len(old_outputs)} outputs, "
                             f"the original {len(new_inputs)} and {len(new_outputs)}: cannot keep its names")
-        renames.update(zip(old_inputs + old_outputs, new_inputs + new_outputs))
-        _rename_values(written.graph, {old: new for old, new in renames.items() if old != new})
+        renames = zip(old_inputs + old_outputs, new_inputs + new_outputs)
+        _rename_values(written.graph, {old: new for old, new in renames if old != new})
         written.doc_string = original.doc_string
         written.domain = original.domain
         written.model_version = original.model_version
